@@ -1,0 +1,58 @@
+"""``unisrec-x``: LightningCLI for fit/validate/test, with data-derived sizes linked into the model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from unisrec_x.data.datamodule import SeqRecDataModule
+from unisrec_x.errors import DataError
+from unisrec_x.lit.results import TestMetricsWriter
+
+MONITOR = "val/ndcg@10"
+
+
+class UniSRecCLI(LightningCLI):
+    """Links ``num_items``/``feature_dim`` from the data, and tests the best checkpoint after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_items", "model.init_args.net.init_args.num_items", apply_on="instantiate")
+        parser.link_arguments("data.feature_dim", "model.init_args.net.init_args.plm_dim", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, evaluate the best checkpoint on the test split")
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit", True) and not self.trainer.fast_dev_run:
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
+
+
+def trainer_defaults() -> dict:
+    return {
+        "max_epochs": 300,
+        "default_root_dir": "runs",
+        "use_distributed_sampler": False,  # the DataModule shards its own length-bucketed batches
+        "callbacks": [
+            EarlyStopping(monitor=MONITOR, mode="max", patience=10),
+            ModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
+            TestMetricsWriter(),
+        ],
+    }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``unisrec-x`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
+                   save_config_kwargs={"overwrite": True}, args=args)
+    except DataError as err:
+        logging.getLogger("unisrec-x").error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

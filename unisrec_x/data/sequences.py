@@ -1,0 +1,125 @@
+"""Leave-one-out examples over flat sequence storage, collated into padded batches.
+
+Sequences are stored once, concatenated; an example is (sequence, target position), so
+every training prefix costs two integers instead of a padded row (RecBole materialises
+``max_seq_len`` ints per prefix).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+Split = Literal["train", "valid", "test"]
+
+
+class SeqBatch(NamedTuple):
+    """A batch of histories (right-padded with 0) and their next items."""
+
+    item_seq: torch.Tensor  # (B, L) item ids, 0 = padding after the last item
+    seq_len: torch.Tensor  # (B,)
+    target: torch.Tensor  # (B,)
+    domain: torch.Tensor  # (B,) domain index of each example's sequence
+
+
+class SequenceExamples(torch.utils.data.Dataset):
+    """Examples of one split; indexing with a list of example indices gives a ``SeqBatch``."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], split: Split, max_seq_len: int = 50,
+                 domains: Sequence[int] | None = None) -> None:
+        """
+        Args:
+            sequences: full item-id sequences, oldest first.
+            split: ``train`` = every prefix whose target is before the last two items (as
+                RecBole/UniSRec), ``valid`` = target second to last, ``test`` = last.
+            max_seq_len: histories keep their last ``max_seq_len`` items.
+            domains: domain index per sequence (all 0 when omitted).
+        """
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        self.items = torch.from_numpy(np.concatenate(sequences) if len(sequences) else np.zeros(0, np.int64))
+        starts = np.zeros(len(sequences), dtype=np.int64)
+        starts[1:] = np.cumsum(lengths)[:-1]
+        usable = np.flatnonzero(lengths >= 3)
+        if split == "train":
+            counts = lengths[usable] - 3
+            seq_idx = np.repeat(usable, counts)
+            # position j-th of each sequence's train targets: 1, 2, ..., n - 3
+            within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            target_pos = within + 1
+        else:
+            seq_idx = usable
+            target_pos = lengths[usable] - (2 if split == "valid" else 1)
+        self.max_seq_len = max_seq_len
+        self.seq_idx = torch.from_numpy(seq_idx)
+        self.target_index = torch.from_numpy(starts[seq_idx] + target_pos)
+        self.hist_len = torch.from_numpy(np.minimum(target_pos, max_seq_len))
+        domain_arr = np.zeros(len(sequences), np.int64) if domains is None else np.asarray(domains, np.int64)
+        self.domain = torch.from_numpy(domain_arr[seq_idx])
+
+    def __len__(self) -> int:
+        return len(self.target_index)
+
+    def __getitem__(self, index: Sequence[int] | torch.Tensor) -> SeqBatch:
+        index = torch.as_tensor(index, dtype=torch.long)
+        seq_len = self.hist_len[index]
+        end = self.target_index[index]
+        width = int(seq_len.max()) if len(index) else 0
+        offsets = torch.arange(width)
+        positions = (end - seq_len).unsqueeze(1) + offsets  # (B, L) positions in the flat store
+        valid = offsets < seq_len.unsqueeze(1)
+        item_seq = torch.where(valid, self.items[positions.clamp(max=len(self.items) - 1)], 0)
+        return SeqBatch(item_seq, seq_len, self.items[end], self.domain[index])
+
+
+class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches of similar history length, so a batch pads to ~its own length.
+
+    Examples are shuffled, cut into pools of ``pool_batches`` batches, sorted by length
+    inside a pool and batched; batch order is shuffled again. With ``pool_batches=1``
+    this is plain random batching.
+    """
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, shuffle: bool = True,
+                 pool_batches: int = 50, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.pool = max(1, pool_batches) * batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[torch.Tensor]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, stable=True)
+            return list(order.split(self.batch_size))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=gen)
+        batches: list[torch.Tensor] = []
+        for pool in order.split(self.pool):
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(pool.split(self.batch_size))
+        perm = torch.randperm(len(batches), generator=gen)
+        return [batches[i] for i in perm]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        if self.world_size > 1:  # equal batch count per rank keeps DDP collectives in step
+            per_rank = len(batches) // self.world_size
+            batches = batches[self.rank * per_rank:(self.rank + 1) * per_rank]
+        for batch in batches:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        if not self.shuffle:
+            count = -(-n // self.batch_size)
+        else:
+            count = sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
+        return count // self.world_size if self.world_size > 1 else count

@@ -1,0 +1,1 @@
+"""Lightning wiring: training modules, checkpoint hand-off, result files."""

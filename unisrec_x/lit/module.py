@@ -1,0 +1,63 @@
+"""SeqRecModule: next-item training with full softmax, full-ranking evaluation."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.losses import next_item_loss
+from unisrec_x.metrics import RankingMetrics
+from unisrec_x.model.unisrec import UniSRec
+
+
+class SeqRecModule(pl.LightningModule):
+    """Trains any ``UniSRec`` variant (SASRec-ID, inductive, transductive) on next-item prediction."""
+
+    def __init__(self, net: UniSRec, ks: list[int] | None = None) -> None:
+        """
+        Args:
+            net: the model; architecture arguments live on it, declared once for all stages.
+            ks: cut-offs for Recall/NDCG/MRR/Hit (default 10 and 50).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = net
+        self.metrics = RankingMetrics(ks or [10, 50])
+        self._eval_table: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if self.net.use_text and datamodule is not None:
+            self.net.set_item_features(datamodule.item_features)
+
+    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+        table = self.net.item_table()  # (N + 1, D), once per step
+        seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
+        loss = next_item_loss(self.net.score(seq_repr, table), batch.target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
+        return loss
+
+    def _eval_step(self, batch: SeqBatch) -> None:
+        if self._eval_table is None:  # item vectors do not change during an evaluation pass
+            self._eval_table = self.net.item_table()
+        seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, self._eval_table)
+        self.metrics.update(self.net.score(seq_repr, self._eval_table), batch.target - 1)
+
+    def _eval_end(self, prefix: str) -> None:
+        values = self.metrics.compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
+        self.metrics.reset()
+        self._eval_table = None
+
+    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")

@@ -1,0 +1,62 @@
+"""Full-ranking metrics under RecBole's protocol for sequential models.
+
+Every item is a candidate (padding excluded); items already in the history are *not*
+masked, as RecBole does for sequential recommenders. With one target per row
+(leave-one-out), Recall@K equals Hit@K.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+METRICS = ("recall", "ndcg", "mrr", "hit")
+
+
+def target_ranks(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target among all candidates: (B, N), (B,) -> (B,).
+
+    Ties count against the target (a candidate scoring equal is ranked ahead), so a model
+    that gives every item the same score gets no credit instead of a perfect one.
+    """
+    target_score = logits.gather(1, target_index.unsqueeze(1))  # (B, 1)
+    return (logits >= target_score).sum(dim=1) - 1
+
+
+def metrics_at_k(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per-row metric values for each K: ``{"ndcg@10": (B,), ...}``."""
+    ranks = ranks.double()
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"recall@{k}"] = hit.double()
+        out[f"hit@{k}"] = hit.double()
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0)
+        out[f"mrr@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), 0.0)
+    return out
+
+
+class RankingMetrics:
+    """Accumulates ranks over an evaluation pass; ``compute()`` gives the means."""
+
+    def __init__(self, ks: Sequence[int] = (10, 50)) -> None:
+        self.ks = tuple(ks)
+        self.reset()
+
+    def reset(self) -> None:
+        self._ranks: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, target_index: torch.Tensor) -> None:
+        """logits (B, N) over candidates; target_index (B,) column of each row's target."""
+        self._ranks.append(target_ranks(logits, target_index).cpu())
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        return torch.cat(self._ranks) if self._ranks else torch.zeros(0, dtype=torch.long)
+
+    def compute(self) -> dict[str, float]:
+        ranks = self.ranks
+        if len(ranks) == 0:
+            raise RuntimeError("no evaluation rows were seen")
+        return {name: float(values.mean()) for name, values in metrics_at_k(ranks, self.ks).items()}

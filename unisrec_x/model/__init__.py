@@ -1,0 +1,1 @@
+"""UniSRec's parts: whitening experts, MoE adapter, causal sequence encoder. Torch only."""

@@ -1,0 +1,85 @@
+"""SASRec-style causal Transformer over item vectors; the last position is the sequence vector."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TransformerLayer(nn.Module):
+    """Post-norm block as in RecBole's SASRec: attention and GELU feed-forward, each followed by
+    dropout, residual and LayerNorm. Attention runs through ``scaled_dot_product_attention``."""
+
+    def __init__(self, hidden_dim: int, n_heads: int, inner_dim: int, dropout: float, attn_dropout: float,
+                 layer_norm_eps: float) -> None:
+        super().__init__()
+        if hidden_dim % n_heads:
+            raise ValueError(f"hidden_dim {hidden_dim} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.attn_dropout = n_heads, attn_dropout
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.attn_out = nn.Linear(hidden_dim, hidden_dim)
+        self.attn_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
+        self.ff_in = nn.Linear(hidden_dim, inner_dim)
+        self.ff_out = nn.Linear(inner_dim, hidden_dim)
+        self.ff_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D). Position t sees positions <= t only."""
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Histories are right-padded, so under the causal mask a real position only ever sees
+        # real positions: no key-padding mask is needed (padding outputs are never read).
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(batch, length, dim)
+        x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
+        return self.ff_norm(x + self.dropout(self.ff_out(F.gelu(self.ff_in(x)))))
+
+
+class SequenceEncoder(nn.Module):
+    """Learned positions + causal Transformer; returns the output at each history's last item."""
+
+    def __init__(self, hidden_dim: int = 300, n_layers: int = 2, n_heads: int = 2, inner_dim: int = 256,
+                 dropout: float = 0.5, attn_dropout: float = 0.5, max_seq_len: int = 50,
+                 layer_norm_eps: float = 1e-12) -> None:
+        """
+        Args:
+            hidden_dim: item- and sequence-vector size.
+            n_layers: Transformer blocks.
+            n_heads: attention heads.
+            inner_dim: feed-forward width.
+            dropout: on the input and after each sub-layer.
+            attn_dropout: on attention weights.
+            max_seq_len: longest history (number of learned positions).
+            layer_norm_eps: LayerNorm epsilon (1e-12 as in RecBole/UniSRec).
+        """
+        super().__init__()
+        self.position = nn.Embedding(max_seq_len, hidden_dim)
+        self.input_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerLayer(hidden_dim, n_heads, inner_dim, dropout, attn_dropout, layer_norm_eps) for _ in range(n_layers))
+        self.apply(_init_weights)
+
+    def forward(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """item_emb (B, L, D), seq_len (B,) -> sequence vectors (B, D)."""
+        length = item_emb.shape[1]
+        if length > self.position.num_embeddings:
+            raise ValueError(f"history of length {length} is longer than max_seq_len {self.position.num_embeddings}")
+        x = self.dropout(self.input_norm(item_emb + self.position.weight[:length]))
+        for layer in self.layers:
+            x = layer(x)
+        return x[torch.arange(x.shape[0], device=x.device), seq_len - 1]  # (B, L, D) -> (B, D)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """RecBole/UniSRec init: N(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

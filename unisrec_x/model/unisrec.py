@@ -1,0 +1,105 @@
+"""UniSRec: item vectors from text (and/or ID), a sequence encoder, similarity scores.
+
+No loss and no Lightning here; the training modules choose what to call. With
+``use_text=False, use_item_id=True, similarity="dot"`` this is SASRec, so the baseline
+shares every other line with the model it is compared against.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unisrec_x.model.moe_adapter import MoEAdapter
+from unisrec_x.model.seq_encoder import SequenceEncoder
+
+Similarity = Literal["cosine", "dot"]
+
+
+class UniSRec(nn.Module):
+    """Universal sequence representation through item text (Hou et al., KDD 2022)."""
+
+    def __init__(self, num_items: int = 0, plm_dim: int = 384, hidden_dim: int = 300, n_layers: int = 2,
+                 n_heads: int = 2, inner_dim: int = 256, dropout: float = 0.5, attn_dropout: float = 0.5,
+                 max_seq_len: int = 50, n_experts: int = 8, adapter_dropout: float = 0.2, gate_noise: bool = True,
+                 use_text: bool = True, use_item_id: bool = False, similarity: Similarity = "cosine",
+                 temperature: float = 0.07) -> None:
+        """
+        Args:
+            num_items: catalog size without padding (linked from the data by the CLI).
+            plm_dim: text-vector size (linked from the encoder by the CLI).
+            hidden_dim: item- and sequence-vector size.
+            n_layers: Transformer blocks.
+            n_heads: attention heads.
+            inner_dim: feed-forward width.
+            dropout: hidden dropout of the sequence encoder.
+            attn_dropout: attention dropout.
+            max_seq_len: longest history.
+            n_experts: whitening experts in the MoE adapter.
+            adapter_dropout: input dropout of each expert.
+            gate_noise: noisy gating while training.
+            use_text: item vectors include ``MoE(text)`` (inductive when alone).
+            use_item_id: item vectors include an ID embedding (transductive with text; SASRec without).
+            similarity: ``cosine`` (L2-normalised, divided by ``temperature``, UniSRec) or ``dot`` (SASRec).
+            temperature: softmax temperature for cosine scores.
+        """
+        super().__init__()
+        if not (use_text or use_item_id):
+            raise ValueError("an item needs text, an ID embedding, or both: set use_text or use_item_id")
+        if use_item_id and num_items <= 0:
+            raise ValueError(f"use_item_id needs num_items > 0, got {num_items}")
+        if similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+        self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
+        self.use_text, self.use_item_id = use_text, use_item_id
+        self.similarity, self.temperature = similarity, temperature
+        self.adapter = MoEAdapter(plm_dim, hidden_dim, n_experts, adapter_dropout, gate_noise) if use_text else None
+        self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
+        if self.item_embedding is not None:
+            nn.init.normal_(self.item_embedding.weight, std=0.02)
+        self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len)
+        # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
+        self.register_buffer("item_features", torch.zeros(0, plm_dim), persistent=False)
+
+    def set_item_features(self, features: torch.Tensor) -> None:
+        """Install the text vectors, (num_items + 1, plm_dim) with row 0 the padding item."""
+        if features.ndim != 2 or features.shape[1] != self.plm_dim:
+            raise ValueError(f"text features have shape {tuple(features.shape)}, expected (items + 1, {self.plm_dim})")
+        if self.use_item_id and features.shape[0] != self.num_items + 1:
+            raise ValueError(f"text features cover {features.shape[0] - 1} items but the ID embedding has {self.num_items}")
+        self.item_features = features.to(self._device, torch.float32)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.encoder.position.weight.device
+
+    def item_table(self) -> torch.Tensor:
+        """Vectors of every item, padding row included: (N + 1, D).
+
+        Computed once per step and shared by the history lookup and the softmax, instead of
+        adapting each history item separately.
+        """
+        table = None
+        if self.use_text:
+            if self.item_features.shape[0] == 0:
+                raise RuntimeError("UniSRec uses text but has no item features: call set_item_features first")
+            table = self.adapter(self.item_features)
+        if self.item_embedding is not None:
+            ids = self.item_embedding.weight
+            table = ids if table is None else table + ids
+        return table
+
+    def encode_sequences(self, item_seq: torch.Tensor, seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """item_seq (B, L), seq_len (B,) -> sequence vectors (B, D)."""
+        table = self.item_table() if table is None else table
+        return self.encoder(table[item_seq], seq_len)  # (B, L) -> (B, L, D) -> (B, D)
+
+    def score(self, seq_repr: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """seq_repr (B, D) vs items 1..N of table (N + 1, D) -> logits (B, N); padding is never a candidate."""
+        candidates = table[1:]
+        if self.similarity == "cosine":
+            return F.normalize(seq_repr, dim=-1) @ F.normalize(candidates, dim=-1).T / self.temperature
+        return seq_repr @ candidates.T

@@ -1,0 +1,1 @@
+"""Frozen text encoder and the on-disk cache of item text vectors."""
