@@ -46,6 +46,11 @@ def trainer_defaults() -> dict:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``unisrec-x`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] == "experiment":
+        from unisrec_x.experiment import main as experiment_main
+
+        return experiment_main(args[1:])
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                    save_config_kwargs={"overwrite": True}, args=args)

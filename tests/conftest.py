@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data root, small real slices, and a per-test cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from unisrec_x.paths import data_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The data root the README documents; the tests need the real Scientific release."""
+    root = data_root(os.environ.get("UNISREC_X_DATA_ROOT") or ROOT.parent / "shared" / "data")
+    assert (root / "scientific" / "Scientific.train.inter").is_file(), f"Scientific data missing under {root}"
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own feature cache unless it shares the session one explicitly."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("UNISREC_X_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the tests that encode the same real slice, so it is encoded once per session."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    """Write a test file (bytes as is, text as UTF-8)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,128 @@
+"""Sequences from both file forms, checked against the real files and hand-made ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import write
+from unisrec_x.data.domain import first_users, load_domain
+from unisrec_x.data.interactions import read_benchmark, read_inter
+from unisrec_x.errors import DataError
+
+
+def test_scientific_rebuild_matches_every_valid_and_test_row(real_root):
+    prefix = real_root / "scientific" / "Scientific"
+    seqs = read_benchmark(prefix)
+    assert len(seqs.users) == 8442 and sum(map(len, seqs.sequences)) == 59427
+    by_user = dict(zip(seqs.users, seqs.sequences))
+    for split, back in (("valid", 1), ("test", 0)):
+        rows = (prefix.parent / f"Scientific.{split}.inter").read_text().splitlines()[1:]
+        for row in rows:
+            user, history, target = row.split("\t")
+            seq = by_user[user]
+            end = len(seq) - back - 1
+            assert seq[end] == target
+            assert seq[max(0, end - 50):end] == history.split()
+
+
+def test_scientific_domain_ids_and_texts(real_root):
+    domain = load_domain(real_root / "scientific" / "Scientific")
+    assert domain.num_items == 4385 and domain.item_tokens[:2] == ["0", "1"]
+    asin_of_index0 = next(line.split("\t")[0] for line in (real_root / "scientific" / "Scientific.item2index").read_text().splitlines()
+                          if line.endswith("\t0"))
+    text_row = next(line for line in (real_root / "scientific" / "Scientific.text").read_text().splitlines()
+                    if line.startswith(asin_of_index0 + "\t"))
+    assert domain.item_texts[0] == " ".join(text_row.split("\t")[1].split())
+    assert all(s.min() >= 1 for s in domain.sequences)  # 0 stays padding
+
+
+def test_first_users_slice_is_reindexed(real_root):
+    domain = load_domain(real_root / "scientific" / "Scientific")
+    part = first_users(domain, 50)
+    assert len(part.users) == 50
+    ids = np.concatenate(part.sequences)
+    assert ids.min() == 1 and ids.max() == part.num_items == len(np.unique(ids))
+    # the same tokens in the same order as the full domain
+    assert [part.item_tokens[i - 1] for i in part.sequences[3]] == [domain.item_tokens[i - 1] for i in domain.sequences[3]]
+
+
+def test_plain_inter_sorts_by_time_keeping_file_order_on_ties(tmp_path):
+    path = write(tmp_path / "d.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+                 "u\ta\t5\nu\tb\t1\nu\tc\t5\nu\td\t3\nv\tx\t1\nv\ty\t2\n")
+    seqs = read_inter(path)
+    assert seqs.users == ["u"] and seqs.sequences == [["b", "d", "a", "c"]]
+    assert seqs.counts["dropped_users"] == 1  # v has 2 < 3 interactions
+
+
+def test_dedupe_keeps_first_time(tmp_path):
+    path = write(tmp_path / "d.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+                 "u\ta\t1\nu\ta\t2\nu\tb\t3\nu\tc\t4\n")
+    assert read_inter(path, dedupe=True).sequences == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("stamp, message", [("abc", "not a number"), ("nan", "finite"), ("-5", "non-negative")])
+def test_bad_timestamps(tmp_path, stamp, message):
+    path = write(tmp_path / "d.inter", f"user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\t{stamp}\nu\tc\t3\n")
+    with pytest.raises(DataError, match=message) as err:
+        read_inter(path)
+    assert err.value.line == 3
+
+
+def test_no_user_long_enough(tmp_path):
+    path = write(tmp_path / "d.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\n")
+    with pytest.raises(DataError, match="no user has at least 3"):
+        read_inter(path)
+
+
+def _bench(tmp_path, train_rows: str, valid: str = "u\ta b c\td\n", test: str = "u\ta b c d\te\n"):
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    write(tmp_path / "B.train.inter", head + train_rows)
+    write(tmp_path / "B.valid.inter", head + valid)
+    write(tmp_path / "B.test.inter", head + test)
+    return tmp_path / "B"
+
+
+def test_benchmark_empty_history_is_refused(tmp_path):
+    prefix = _bench(tmp_path, "u\ta b\tc\nu\t\tb\n")
+    with pytest.raises(DataError, match="empty history") as err:
+        read_benchmark(prefix)
+    assert err.value.path.endswith("B.train.inter") and err.value.line == 3
+
+
+def test_benchmark_rows_that_do_not_chain_are_refused(tmp_path):
+    prefix = _bench(tmp_path, "u\ta b\tc\nu\ta\tb\n", valid="u\ta X c\td\n")
+    with pytest.raises(DataError, match="not the continuation") as err:
+        read_benchmark(prefix)
+    assert err.value.path.endswith("B.valid.inter") and err.value.line == 2
+
+
+def test_item_without_text_errors_or_is_allowed(tmp_path):
+    _bench(tmp_path, "u\ta b\tc\nu\ta\tb\n")
+    write(tmp_path / "B.item", "item_id:token\ttitle:token_seq\na\tAlpha\nb\tBeta\nc\tGamma\nd\tDelta\n")
+    with pytest.raises(DataError, match="item 'e' has no text") as err:
+        load_domain(tmp_path / "B")
+    assert err.value.path.endswith("B.test.inter") and err.value.line == 2
+    domain = load_domain(tmp_path / "B", missing_text="empty")
+    assert domain.item_texts == ["Alpha", "Beta", "Gamma", "Delta", ""]
+
+
+def test_whitespace_only_text_is_refused(tmp_path):
+    path = write(tmp_path / "S.text", "item_id:token\ttext:token_seq\na\tfine\nb\t   \n")
+    from unisrec_x.data.text import read_text_file
+    with pytest.raises(DataError, match="only white space") as err:
+        read_text_file(path)
+    assert err.value.line == 3
+
+
+def test_non_integer_index(tmp_path):
+    from unisrec_x.data.text import read_item2index
+    path = write(tmp_path / "S.item2index", "A1\t0\nA2\tone\n")
+    with pytest.raises(DataError, match="'one' of 'A2' is not an integer") as err:
+        read_item2index(path)
+    assert err.value.line == 2
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+    with pytest.raises(DataError, match="no interactions"):
+        load_domain(tmp_path / "Nothing")

@@ -1,0 +1,122 @@
+"""Run several arms (CLI configs) one after another and gather their test metrics into a table.
+
+Each arm is a separate ``unisrec-x fit`` process, so arms cannot leak state (seeds, threads,
+memory) into one another, and every row of the table has the exact command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unisrec_x.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+REPORTED = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+
+
+@dataclass
+class Arm:
+    """One row of the table: a name, a label and the ``unisrec-x fit`` arguments that train it."""
+
+    name: str
+    label: str
+    args: list[str]
+    quick_args: list[str] = field(default_factory=list)
+
+
+FOUNDATION = [
+    Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
+    Arm("unisrec_inductive", "UniSRec inductive (text), from scratch", ["-c", "configs/scientific/unisrec_inductive.yaml"]),
+    Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
+]
+EXPERIMENTS = {"foundation": FOUNDATION}
+QUICK_ARGS = ["--trainer.max_epochs", "8"]
+
+
+def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> list[str]:
+    cmd = ["unisrec-x", "fit", *arm.args, "--seed_everything", str(seed),
+           "--trainer.logger.init_args.save_dir", str(out_dir), "--trainer.logger.init_args.name", arm.name,
+           "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
+    if quick:
+        cmd += QUICK_ARGS + arm.quick_args
+    if data_root:
+        cmd += ["--data.data_root", data_root]
+    return cmd
+
+
+def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> dict:
+    """Train and test one arm in a fresh process; return its metrics, wall time and command."""
+    cmd = arm_command(arm, seed, out_dir, quick, data_root)
+    run_dir = out_dir / arm.name / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s (seed %d): %s", arm.label, seed, shlex.join(cmd))
+    start = time.perf_counter()
+    with open(run_dir / "stdout.log", "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
+    result = json.loads((run_dir / "test_metrics.json").read_text())
+    return {"metrics": result["metrics"], "wall_s": round(wall, 1), "fit_s": result["fit_seconds"],
+            "epochs": result["epochs_trained"], "command": shlex.join(cmd)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and (for several seeds) standard deviation of each metric over seeds."""
+    out = {}
+    for name in runs[0]["metrics"]:
+        values = [r["metrics"][name] for r in runs]
+        out[name] = {"mean": round(statistics.fmean(values), 6),
+                     "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0}
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    head = "| arm | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in REPORTED) + " | epochs | wall (s) |"
+    lines = [head, "|" + "---|" * (len(REPORTED) + 3)]
+    for arm in results["arms"].values():
+        cells = []
+        for m in REPORTED:
+            stat = arm["summary"][m]
+            cells.append(f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if len(arm["runs"]) > 1 else ""))
+        epochs = "/".join(str(r["epochs"]) for r in arm["runs"])
+        wall = "/".join(f"{r['wall_s']:.0f}" for r in arm["runs"])
+        lines.append(f"| {arm['label']} | " + " | ".join(cells) + f" | {epochs} | {wall} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``unisrec-x experiment NAME``: run every arm for each seed, write ``results/NAME.{json,md}``."""
+    parser = argparse.ArgumentParser(prog="unisrec-x experiment", description=main.__doc__)
+    parser.add_argument("name", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--quick", action="store_true", help=f"cap training ({' '.join(QUICK_ARGS)}) to finish in minutes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2022])
+    parser.add_argument("--arms", nargs="+", help="run only these arms")
+    parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--runs", default="runs/experiments", help="where run logs and checkpoints go")
+    parser.add_argument("--out", default="results", help="where NAME.json and NAME.md go")
+    args = parser.parse_args(argv)
+    arms = [a for a in EXPERIMENTS[args.name] if not args.arms or a.name in args.arms]
+    run_root = Path(args.runs) / (args.name + ("-quick" if args.quick else ""))
+    results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": "Scientific test split",
+               "date": time.strftime("%Y-%m-%d"), "arms": {}}
+    for arm in arms:
+        runs = [run_arm(arm, seed, run_root, args.quick, args.data_root) for seed in args.seeds]
+        results["arms"][arm.name] = {"label": arm.label, "summary": summarise(runs), "runs": runs}
+        log.info("%s: %s", arm.label, {m: results["arms"][arm.name]["summary"][m]["mean"] for m in REPORTED})
+    out = Path(args.out)
+    suffix = "-quick" if args.quick else ""
+    atomic_write_bytes(out / f"{args.name}{suffix}.json", json.dumps(results, indent=2).encode())
+    table = markdown_table(results)
+    atomic_write_bytes(out / f"{args.name}{suffix}.md", (table + "\n").encode())
+    print(table)
