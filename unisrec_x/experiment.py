@@ -31,6 +31,8 @@ class Arm:
     label: str
     args: list[str]
     quick_args: list[str] = field(default_factory=list)
+    subcommand: str = "fit"
+    uses_pretrained: bool = False
 
 
 FOUNDATION = [
@@ -38,24 +40,39 @@ FOUNDATION = [
     Arm("unisrec_inductive", "UniSRec inductive (text), from scratch", ["-c", "configs/scientific/unisrec_inductive.yaml"]),
     Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
 ]
-EXPERIMENTS = {"foundation": FOUNDATION}
+PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm", ["-c", "configs/pretrain/pretrain.yaml"],
+               quick_args=["--trainer.max_steps", "120", "--trainer.val_check_interval", "60"])
+_PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
+TRANSFER = FOUNDATION + [
+    Arm("zero_shot", "Pretrained, zero-shot (no fine-tuning)", ["-c", "configs/transfer/zero_shot.yaml", *_PRETRAINED],
+        subcommand="test", uses_pretrained=True),
+    Arm("pretrained_inductive", "Pretrained + inductive fine-tune (adapter only)",
+        ["-c", "configs/transfer/finetune_inductive.yaml", *_PRETRAINED], uses_pretrained=True),
+    Arm("pretrained_transductive_adapter", "Pretrained + transductive fine-tune (adapter + ID only)",
+        ["-c", "configs/transfer/finetune_transductive.yaml", *_PRETRAINED], uses_pretrained=True),
+    Arm("pretrained_transductive_full", "Pretrained + transductive fine-tune (all parameters)",
+        ["-c", "configs/transfer/finetune_transductive.yaml", "--model.init_args.freeze_encoder", "false", *_PRETRAINED],
+        uses_pretrained=True),
+]
+EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER}
 QUICK_ARGS = ["--trainer.max_epochs", "8"]
 
 
-def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> list[str]:
-    cmd = ["unisrec-x", "fit", *arm.args, "--seed_everything", str(seed),
+def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None, pretrained: str | None = None) -> list[str]:
+    args = [a.format(pretrained=pretrained) for a in arm.args]
+    cmd = ["unisrec-x", arm.subcommand, *args, "--seed_everything", str(seed),
            "--trainer.logger.init_args.save_dir", str(out_dir), "--trainer.logger.init_args.name", arm.name,
            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
-    if quick:
-        cmd += QUICK_ARGS + arm.quick_args
+    if quick and arm.subcommand == "fit":
+        cmd += (arm.quick_args or QUICK_ARGS)
     if data_root:
         cmd += ["--data.data_root", data_root]
     return cmd
 
 
-def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> dict:
+def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None, pretrained: str | None = None) -> dict:
     """Train and test one arm in a fresh process; return its metrics, wall time and command."""
-    cmd = arm_command(arm, seed, out_dir, quick, data_root)
+    cmd = arm_command(arm, seed, out_dir, quick, data_root, pretrained)
     run_dir = out_dir / arm.name / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("%s (seed %d): %s", arm.label, seed, shlex.join(cmd))
@@ -66,9 +83,12 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
     if proc.returncode != 0:
         tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
+    if arm is PRETRAIN:
+        return {"checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "wall_s": round(wall, 1), "command": shlex.join(cmd)}
     result = json.loads((run_dir / "test_metrics.json").read_text())
     return {"metrics": result["metrics"], "wall_s": round(wall, 1), "fit_s": result["fit_seconds"],
-            "epochs": result["epochs_trained"], "command": shlex.join(cmd)}
+            "epochs": result["epochs_trained"] if arm.subcommand == "fit" else 0, "command": shlex.join(cmd),
+            "log": str(run_dir / "metrics.csv")}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -105,13 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
     parser.add_argument("--runs", default="runs/experiments", help="where run logs and checkpoints go")
     parser.add_argument("--out", default="results", help="where NAME.json and NAME.md go")
+    parser.add_argument("--pretrained", help="use this pretrained checkpoint instead of pretraining first")
     args = parser.parse_args(argv)
     arms = [a for a in EXPERIMENTS[args.name] if not args.arms or a.name in args.arms]
     run_root = Path(args.runs) / (args.name + ("-quick" if args.quick else ""))
     results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": "Scientific test split",
                "date": time.strftime("%Y-%m-%d"), "arms": {}}
+    pretrained = args.pretrained
+    if pretrained is None and any(a.uses_pretrained for a in arms):
+        results["pretrain"] = run_arm(PRETRAIN, args.seeds[0], run_root, args.quick, args.data_root)
+        pretrained = results["pretrain"]["checkpoint"]
+    results["pretrained_checkpoint"] = pretrained
     for arm in arms:
-        runs = [run_arm(arm, seed, run_root, args.quick, args.data_root) for seed in args.seeds]
+        runs = [run_arm(arm, seed, run_root, args.quick, args.data_root, pretrained) for seed in args.seeds]
         results["arms"][arm.name] = {"label": arm.label, "summary": summarise(runs), "runs": runs}
         log.info("%s: %s", arm.label, {m: results["arms"][arm.name]["summary"][m]["mean"] for m in REPORTED})
     out = Path(args.out)
@@ -119,4 +145,33 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_bytes(out / f"{args.name}{suffix}.json", json.dumps(results, indent=2).encode())
     table = markdown_table(results)
     atomic_write_bytes(out / f"{args.name}{suffix}.md", (table + "\n").encode())
+    plot_validation_curves(results, out / f"{args.name}{suffix}.png")
     print(table)
+
+
+def plot_validation_curves(results: dict, path: Path) -> None:
+    """Validation NDCG@10 per epoch for each trained arm (first seed), one line each."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in results["arms"].values():
+        run = arm["runs"][0]
+        if not run.get("epochs"):
+            ax.axhline(run["metrics"]["ndcg@10"], linestyle=":", color="grey", label=arm["label"] + " (test)")
+            continue
+        rows = [r for r in csv.DictReader(open(run["log"])) if r.get("val/ndcg@10")]
+        ax.plot([int(r["epoch"]) + 1 for r in rows], [float(r["val/ndcg@10"]) for r in rows], marker=".", label=arm["label"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(f"Scientific, {results['experiment']}{' (quick)' if results['quick'] else ''}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from unisrec_x.data.domain import Domain, MissingText, first_users, load_domain
+import random
+
+from unisrec_x.data.augment import drop_words
+from unisrec_x.data.domain import MissingText, first_users, load_domain
+from unisrec_x.data.multidomain import MergedDomains, merge_domains
+from unisrec_x.data.prepare import SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples, Split
 from unisrec_x.paths import resolve_data_path
 from unisrec_x.text.cache import FeatureCache
@@ -19,19 +25,30 @@ from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, encoder_dim
 log = logging.getLogger(__name__)
 
 
-class SeqRecDataModule(pl.LightningDataModule):
-    """Reads the dataset in ``__init__`` so ``num_items`` and ``feature_dim`` can be linked into the model."""
+def resolve_dataset(name: str, data_root: str | None) -> Path:
+    """A known pretraining source (``office``, ``ml-100k``, ``lastfm``) is prepared on first use;
+    anything else is a path prefix under the data root."""
+    return source_prefix(name, data_root) if name in SOURCES else resolve_data_path(name, data_root)
 
-    def __init__(self, dataset: str = "scientific/Scientific", data_root: str | None = None,
+
+class SeqRecDataModule(pl.LightningDataModule):
+    """Reads the dataset(s) in ``__init__`` so ``num_items`` and ``feature_dim`` can be linked into the model.
+
+    Several datasets are merged into one item space (pretraining): sequences stay within their
+    domain while batches mix domains, so in-batch negatives come from every domain.
+    """
+
+    def __init__(self, dataset: str | list[str] = "scientific/Scientific", data_root: str | None = None,
                  text_fields: list[str] | None = None, missing_text: MissingText = "error", dedupe: bool = False,
                  max_seq_len: int = 50, batch_size: int = 2048, eval_batch_size: int = 1024,
                  length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0, word_drop_prob: float = 0.15) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
-                reads ``<root>/scientific/Scientific.*``) or absolute.
+                reads ``<root>/scientific/Scientific.*``) or absolute; or a pretraining source name;
+                or a list of these to merge.
             data_root: folder holding the datasets (default ``$UNISREC_X_DATA_ROOT`` or ``../shared/data``).
             text_fields: ``.item`` fields joined into the item text (ignored for ``.text`` files).
             missing_text: ``error`` if an item has no text, or ``empty`` to allow it with a warning.
@@ -46,22 +63,26 @@ class SeqRecDataModule(pl.LightningDataModule):
             max_text_tokens: token limit per item text.
             encode_batch_size: texts per encoder forward pass.
             seed: shuffling seed.
+            word_drop_prob: share of words dropped from each text for the word-drop view (pretraining).
         """
         super().__init__()
         self.save_hyperparameters()
-        self.prefix = resolve_data_path(dataset, data_root)
-        domain = load_domain(self.prefix, text_fields or ["title"], missing_text, dedupe)
-        self.domain: Domain = first_users(domain, max_users) if max_users else domain
+        names = [dataset] if isinstance(dataset, str) else list(dataset)
+        domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe) for n in names]
+        if max_users:
+            domains = [first_users(d, max_users) for d in domains]
+        self.data: MergedDomains = merge_domains(domains)
+        self.word_drop_prob = word_drop_prob
         self.max_seq_len, self.batch_size, self.eval_batch_size = max_seq_len, batch_size, eval_batch_size
         self.length_bucketing, self.seed = length_bucketing, seed
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size)
         self._splits: dict[str, SequenceExamples] = {}
-        log.info("%s: %d users, %d items, %d interactions", self.domain.name, len(self.domain.users),
-                 self.domain.num_items, sum(map(len, self.domain.sequences)))
+        for d in domains:
+            log.info("%s: %d users, %d items, %d interactions", d.name, len(d.users), d.num_items, sum(map(len, d.sequences)))
 
     @property
     def num_items(self) -> int:
-        return self.domain.num_items
+        return self.data.num_items
 
     @property
     def feature_dim(self) -> int:
@@ -69,13 +90,24 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     @cached_property
     def item_features(self) -> torch.Tensor:
-        """Text vectors (num_items + 1, feature_dim); row 0 (padding) is zero."""
-        vectors = self.cache.get(self.domain.item_texts, name=self.domain.name.lower())
-        return torch.from_numpy(np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]))
+        """Text vectors (num_items + 1, feature_dim), one cached matrix per domain; row 0 (padding) is zero."""
+        return self._features(self.cache)
+
+    @cached_property
+    def word_drop_features(self) -> torch.Tensor:
+        """Like ``item_features``, for texts with ``word_drop_prob`` of their words dropped (seeded, cached)."""
+        cache = FeatureCache(self.cache.encoder, self.cache.pooling, self.cache.max_length, self.cache.batch_size,
+                             variant=f"word_drop-{self.word_drop_prob}-seed{self.seed}")
+        return self._features(cache, lambda texts: [drop_words(t, self.word_drop_prob, random.Random(self.seed + i))
+                                                    for i, t in enumerate(texts)])
+
+    def _features(self, cache: FeatureCache, transform=lambda texts: texts) -> torch.Tensor:
+        parts = [cache.get(transform(d.item_texts), name=d.name.lower()) for d in self.data.domains]
+        return torch.from_numpy(np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts]))
 
     def examples(self, split: Split) -> SequenceExamples:
         if split not in self._splits:
-            self._splits[split] = SequenceExamples(self.domain.sequences, split, self.max_seq_len)
+            self._splits[split] = SequenceExamples(self.data.sequences, split, self.max_seq_len, self.data.sequence_domain)
         return self._splits[split]
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.lit.checkpoint import load_pretrained
 from unisrec_x.losses import next_item_loss
 from unisrec_x.metrics import RankingMetrics
 from unisrec_x.model.unisrec import UniSRec
@@ -14,15 +15,23 @@ from unisrec_x.model.unisrec import UniSRec
 class SeqRecModule(pl.LightningModule):
     """Trains any ``UniSRec`` variant (SASRec-ID, inductive, transductive) on next-item prediction."""
 
-    def __init__(self, net: UniSRec, ks: list[int] | None = None) -> None:
+    def __init__(self, net: UniSRec, ks: list[int] | None = None, pretrained: str | None = None,
+                 freeze_encoder: bool = False) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
             ks: cut-offs for Recall/NDCG/MRR/Hit (default 10 and 50).
+            pretrained: checkpoint of a pretrained model to start from (its item-ID embedding, if any, is not used).
+            freeze_encoder: keep the sequence encoder (Transformer, positions) fixed and train only the
+                adapter (and ID embedding): the paper's parameter-efficient fine-tuning.
         """
         super().__init__()
         self.save_hyperparameters()
         self.net = net
+        if pretrained:
+            load_pretrained(net, pretrained)
+        if freeze_encoder:
+            net.encoder.requires_grad_(False)
         self.metrics = RankingMetrics(ks or [10, 50])
         self._eval_table: torch.Tensor | None = None
 

@@ -1,0 +1,148 @@
+"""Turn each pretraining source into RecBole atomic files (``NAME.inter`` + ``NAME.text``) once.
+
+A user adds a domain of their own the same way: write those two files and name the prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable
+
+from unisrec_x.data.atomic import AtomicTable, read_atomic, write_atomic
+from unisrec_x.data.text import clean_text
+from unisrec_x.errors import DataError
+from unisrec_x.paths import cache_dir, data_root
+
+log = logging.getLogger(__name__)
+
+INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
+TEXT_FIELDS = [("item_id", "token"), ("text", "token_seq")]
+
+
+def _plain_tsv(path: Path, columns: tuple[str, ...]) -> AtomicTable:
+    """A headered TSV without RecBole type suffixes (ReChorus' format); the header is checked."""
+    raw = read_atomic(path, names=_header_names(path))
+    missing = [c for c in columns if c not in raw.fields]
+    if missing:
+        raise DataError(f"missing column(s) {missing} (header has {raw.fields})", path, 1)
+    for name in raw.fields:
+        raw.columns[name] = raw.columns[name][1:]
+    raw.lines = raw.lines[1:]
+    return raw
+
+
+def _header_names(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise DataError("file not found", path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return tuple(handle.readline().rstrip("\r\n").split("\t"))
+
+
+def prepare_office(root: Path, out: Path) -> Path:
+    """Office (ReChorus split CSVs + ``Office.text`` keyed by ASIN) -> one time-ordered ``.inter``.
+
+    Train, dev and test rows are written in that order; dev/test share a day with earlier rows
+    for many users, and the stable time sort downstream keeps this order on ties.
+    """
+    src = root / "office"
+    index = read_atomic(src / "Office.item2index", names=("asin", "item_id"))
+    asin_to_id = dict(zip(index.column("asin"), index.column("item_id")))
+    rows = []
+    for split in ("train", "dev", "test"):
+        table = _plain_tsv(src / f"{split}.csv", ("user_id", "item_id", "time"))
+        rows += zip(table.column("user_id"), table.column("item_id"), table.column("time"))
+    texts = _plain_tsv(src / "Office.text", ("id", "text"))
+    text_rows = []
+    for row, (asin, text) in enumerate(zip(texts.column("id"), texts.column("text"))):
+        if asin not in asin_to_id:
+            raise DataError(f"ASIN {asin!r} is not in Office.item2index", texts.path, texts.lines[row])
+        text_rows.append((asin_to_id[asin], clean_text(text)))
+    return _write(out, "office", "Office", rows, text_rows)
+
+
+def prepare_ml100k(out: Path) -> Path:
+    """MovieLens-100k from the installed ``recbole`` package (never copied into a repo).
+
+    Text = title, genres, year: what a user would read about a movie.
+    """
+    import recbole
+
+    src = Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
+    inter = read_atomic(src / "ml-100k.inter", required=("user_id", "item_id", "timestamp"))
+    items = read_atomic(src / "ml-100k.item", required=("item_id", "movie_title", "release_year", "class"))
+    rows = list(zip(inter.column("user_id"), inter.column("item_id"), inter.column("timestamp")))
+    text_rows = [(i, ". ".join(p for p in (clean_text(t), clean_text(c), y.strip()) if p))
+                 for i, t, y, c in zip(items.column("item_id"), items.column("movie_title"),
+                                       items.column("release_year"), items.column("class"))]
+    return _write(out, "ml-100k", "ml-100k", rows, text_rows)
+
+
+def prepare_lastfm(root: Path, out: Path) -> Path:
+    """Last.fm tag events -> one row per (user, artist) at its first tagging; text = artist name.
+
+    Each raw row is a tag assignment (the ``weight`` column is a tag id), so the same artist
+    repeats for every tag; only the first time a user tagged an artist is an interaction.
+    """
+    src = root / "lastfm"
+    inter = read_atomic(src / "lastfm.inter", required=("user_id", "item_id", "timestamp"))
+    first: dict[tuple[str, str], float] = {}
+    before_1970 = 0
+    for user, item, stamp in zip(inter.column("user_id"), inter.column("item_id"), inter.column("timestamp")):
+        key, t = (user, item), float(stamp)
+        if t < 0:  # two rows dated 1956/57 in a 2005-2011 log: clock errors, not events
+            before_1970 += 1
+            continue
+        if key not in first or t < first[key]:
+            first[key] = t
+    if before_1970:
+        log.warning("lastfm: dropped %d rows dated before 1970", before_1970)
+    rows = [(u, i, int(t // 1000)) for (u, i), t in first.items()]  # milliseconds -> seconds
+    items = read_atomic(src / "lastfm.item", required=("item_id", "name"))
+    text_rows = [(i, clean_text(n)) for i, n in zip(items.column("item_id"), items.column("name"))]
+    return _write(out, "lastfm", "lastfm", rows, text_rows)
+
+
+def _write(out: Path, folder: str, name: str, rows: list, text_rows: list) -> Path:
+    prefix = out / folder / name
+    write_atomic(f"{prefix}.inter", INTER_FIELDS, rows)
+    write_atomic(f"{prefix}.text", TEXT_FIELDS, text_rows)
+    log.info("prepared %s: %d interactions, %d item texts -> %s.*", name, len(rows), len(text_rows), prefix)
+    return prefix
+
+
+SOURCES: dict[str, Callable[[Path, Path], Path]] = {
+    "office": prepare_office,
+    "ml-100k": lambda root, out: prepare_ml100k(out),
+    "lastfm": prepare_lastfm,
+}
+
+
+def prepared_dir() -> Path:
+    """Default home of prepared sources: ``$UNISREC_X_CACHE/prepared`` (the data root may be read-only)."""
+    return cache_dir() / "prepared"
+
+
+def source_prefix(name: str, root: str | Path | None = None, out: Path | None = None) -> Path:
+    """Prefix of a prepared source, preparing it on first use (seconds)."""
+    out = out or prepared_dir()
+    folder, stem = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm")}[name]
+    prefix = out / folder / stem
+    if not Path(f"{prefix}.inter").is_file() or not Path(f"{prefix}.text").is_file():
+        SOURCES[name](data_root(root), out)
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``unisrec-x prepare``: write atomic files for the pretraining sources."""
+    parser = argparse.ArgumentParser(prog="unisrec-x prepare", description=main.__doc__)
+    parser.add_argument("sources", nargs="*", help=f"any of {sorted(SOURCES)} (default: all)")
+    parser.add_argument("--data_root", help="folder holding the raw datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default $UNISREC_X_CACHE/prepared)")
+    args = parser.parse_args(argv)
+    unknown = set(args.sources) - set(SOURCES)
+    if unknown:
+        parser.error(f"unknown source(s) {sorted(unknown)}; known: {sorted(SOURCES)}")
+    for name in args.sources or sorted(SOURCES):
+        SOURCES[name](data_root(args.data_root), args.out or prepared_dir())

@@ -1,0 +1,56 @@
+"""Load pretrained weights into a ``UniSRec`` with every key accounted for.
+
+Item-ID embeddings never transfer (IDs mean nothing across domains): they are the only keys
+allowed to be missing or left behind. Anything else that does not match fails loudly,
+naming the keys and shapes, instead of a silent ``strict=False`` partial load.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from unisrec_x.errors import DataError
+from unisrec_x.model.unisrec import UniSRec
+
+NON_TRANSFERABLE = ("item_embedding.",)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``net.*`` weights of a Lightning checkpoint (or a bare state dict), loaded without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("checkpoint not found", path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({str(err).splitlines()[0]})", path) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DataError(f"checkpoint is truncated or corrupted ({str(err).splitlines()[0]})", path) from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise DataError("not a checkpoint: no state_dict inside", path)
+    if any(k.startswith("net.") for k in state):
+        state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
+def load_pretrained(net: UniSRec, path: str | Path) -> list[str]:
+    """Copy pretrained weights into ``net``; returns the keys left at their fresh initialisation."""
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(NON_TRANSFERABLE)}
+    own = net.state_dict()
+    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE)]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(fresh))
+    if unexpected or missing:
+        raise DataError(f"checkpoint does not fit this model: unexpected keys {unexpected[:6]}, missing keys {missing[:6]} "
+                        "(was it trained with use_text=True and the same n_layers / n_experts?)", path)
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if v.shape != own[k].shape]
+    if mismatched:
+        raise DataError("checkpoint has other dimensions (hidden_dim / plm_dim / max_seq_len?): " + "; ".join(mismatched[:4]), path)
+    merged = {**own, **state}
+    net.load_state_dict(merged, strict=True)
+    return fresh

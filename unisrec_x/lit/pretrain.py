@@ -1,0 +1,71 @@
+"""PretrainModule: UniSRec's two contrastive tasks on merged multi-domain sequences."""
+
+from __future__ import annotations
+
+import torch
+
+from unisrec_x.data.augment import item_drop, word_drop_positions
+from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.losses import info_nce
+from unisrec_x.model.unisrec import UniSRec
+
+
+class PretrainModule(SeqRecModule):
+    """Sequence-item + lambda * sequence-sequence InfoNCE (UniSRec Eq. 7-9).
+
+    Evaluation (full ranking on the sources' valid rows) is inherited: it monitors transfer-free
+    next-item quality while pretraining.
+    """
+
+    def __init__(self, net: UniSRec, lambda_seq_seq: float = 1e-3, item_drop_view_prob: float = 0.9,
+                 item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None) -> None:
+        """
+        Args:
+            net: a text-only UniSRec (item IDs do not transfer across domains).
+            lambda_seq_seq: weight of the sequence-sequence task.
+            item_drop_view_prob: a view drops items with this probability, else swaps in word-dropped texts.
+            item_keep_prob: each item survives item drop with this probability (the first always does).
+            word_swap_prob: share of positions whose text vector is swapped in a word-drop view.
+            ks: evaluation cut-offs.
+        """
+        if net.use_item_id:
+            raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False")
+        super().__init__(net, ks)
+        self.save_hyperparameters()
+        self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        needs_word_drop = self.hparams.lambda_seq_seq > 0 and self.hparams.item_drop_view_prob < 1
+        if needs_word_drop and self._trainer is not None and self.trainer.datamodule is not None:
+            self.word_drop_features = self.trainer.datamodule.word_drop_features.to(self.device)
+
+    def view(self, batch: SeqBatch, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented history vectors (B, L, D) and lengths: item drop for most rows, word drop for the rest."""
+        dropped, dropped_len = item_drop(batch.item_seq, batch.seq_len, self.hparams.item_keep_prob)
+        emb = table[dropped]
+        if self.word_drop_features.numel() == 0:
+            return emb, dropped_len
+        swap = word_drop_positions(batch.seq_len, batch.item_seq.shape[1], self.hparams.word_swap_prob)
+        word_dropped = self.net.adapter(self.word_drop_features[batch.item_seq])  # (B, L, plm) -> (B, L, D)
+        word_emb = torch.where(swap.unsqueeze(-1), word_dropped, table[batch.item_seq])
+        use_item_drop = torch.rand(len(batch.seq_len), device=emb.device) < self.hparams.item_drop_view_prob
+        emb = torch.where(use_item_drop.view(-1, 1, 1), emb, word_emb)
+        return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
+
+    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+        table = self.net.item_table()
+        seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
+        temperature = self.net.temperature
+        # Rows that share a next item are not negatives of each other in either task.
+        loss_seq_item = info_nce(seq_repr, table[batch.target], temperature, same_target=batch.target)
+        loss = loss_seq_item
+        if self.hparams.lambda_seq_seq > 0:
+            view_emb, view_len = self.view(batch, table)
+            loss_seq_seq = info_nce(seq_repr, self.net.encoder(view_emb, view_len), temperature, same_target=batch.target)
+            loss = loss + self.hparams.lambda_seq_seq * loss_seq_seq
+            self.log("train/seq_seq", loss_seq_seq, batch_size=len(batch.target))
+        self.log("train/seq_item", loss_seq_item, batch_size=len(batch.target))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
+        return loss
