@@ -42,3 +42,26 @@ def write(path: Path, text: str | bytes) -> Path:
     else:
         path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide random BERT with the packaged tokenizer, saved as a local folder.
+
+    Pretraining tests encode thousands of texts twice (clean and word-dropped); this keeps that
+    to a second while exercising the "any local path" encoder route for real.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from unisrec_x.text.encoder import PACKAGED_ENCODER, resolve_encoder
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(PACKAGED_ENCODER))
+    import torch
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -15,6 +15,22 @@ from unisrec_x.lit.results import TestMetricsWriter
 MONITOR = "val/ndcg@10"
 
 
+def _experiment():
+    from unisrec_x.experiment import main as run
+
+    return run
+
+
+def _prepare():
+    from unisrec_x.data.prepare import main as run
+
+    return run
+
+
+#: Commands beside LightningCLI's fit/validate/test/predict (imported lazily: they need no Lightning).
+COMMANDS = {"experiment": _experiment, "prepare": _prepare}
+
+
 class UniSRecCLI(LightningCLI):
     """Links ``num_items``/``feature_dim`` from the data, and tests the best checkpoint after ``fit``."""
 
@@ -46,11 +62,9 @@ def trainer_defaults() -> dict:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``unisrec-x`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if args is None else args
-    if args and args[0] == "experiment":
-        from unisrec_x.experiment import main as experiment_main
-
-        return experiment_main(args[1:])
+    words = sys.argv[1:] if args is None else args
+    if words and words[0] in COMMANDS:
+        return COMMANDS[words[0]]()(words[1:])
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                    save_config_kwargs={"overwrite": True}, args=args)

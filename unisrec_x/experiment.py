@@ -40,8 +40,9 @@ FOUNDATION = [
     Arm("unisrec_inductive", "UniSRec inductive (text), from scratch", ["-c", "configs/scientific/unisrec_inductive.yaml"]),
     Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
 ]
-PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm", ["-c", "configs/pretrain/pretrain.yaml"],
-               quick_args=["--trainer.max_steps", "120", "--trainer.val_check_interval", "60"])
+PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm",
+               ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "240", "--trainer.val_check_interval", "60"],
+               quick_args=["--trainer.max_steps", "40", "--trainer.val_check_interval", "20"])
 _PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
 TRANSFER = FOUNDATION + [
     Arm("zero_shot", "Pretrained, zero-shot (no fine-tuning)", ["-c", "configs/transfer/zero_shot.yaml", *_PRETRAINED],
@@ -64,7 +65,7 @@ def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str 
            "--trainer.logger.init_args.save_dir", str(out_dir), "--trainer.logger.init_args.name", arm.name,
            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
     if quick and arm.subcommand == "fit":
-        cmd += (arm.quick_args or QUICK_ARGS)
+        cmd += (arm.quick_args or QUICK_ARGS)  # later flags override earlier ones
     if data_root:
         cmd += ["--data.data_root", data_root]
     return cmd
@@ -74,15 +75,24 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
     """Train and test one arm in a fresh process; return its metrics, wall time and command."""
     cmd = arm_command(arm, seed, out_dir, quick, data_root, pretrained)
     run_dir = out_dir / arm.name / f"seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("%s (seed %d): %s", arm.label, seed, shlex.join(cmd))
-    start = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as handle:
-        proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
-        raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
+    done_marker = run_dir / "finished.json"
+    if done_marker.exists() and json.loads(done_marker.read_text()).get("command") == shlex.join(cmd):
+        log.info("%s (seed %d): reusing the finished run in %s", arm.label, seed, run_dir)
+        wall = json.loads(done_marker.read_text())["wall_s"]
+    else:
+        if run_dir.exists():  # an interrupted or differently configured run: start it afresh
+            for old in sorted(run_dir.rglob("*"), reverse=True):
+                old.unlink() if old.is_file() else old.rmdir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s (seed %d): %s", arm.label, seed, shlex.join(cmd))
+        start = time.perf_counter()
+        with open(run_dir / "stdout.log", "w") as handle:
+            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
+            raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
+        atomic_write_bytes(done_marker, json.dumps({"command": shlex.join(cmd), "wall_s": round(wall, 1)}).encode())
     if arm is PRETRAIN:
         return {"checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "wall_s": round(wall, 1), "command": shlex.join(cmd)}
     result = json.loads((run_dir / "test_metrics.json").read_text())
@@ -128,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", help="use this pretrained checkpoint instead of pretraining first")
     args = parser.parse_args(argv)
     arms = [a for a in EXPERIMENTS[args.name] if not args.arms or a.name in args.arms]
-    run_root = Path(args.runs) / (args.name + ("-quick" if args.quick else ""))
+    # Runs are keyed by arm, not by experiment: foundation and transfer share their from-scratch arms,
+    # and a finished arm with the same command is reused rather than trained again.
+    run_root = Path(args.runs) / ("quick" if args.quick else "full")
     results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": "Scientific test split",
                "date": time.strftime("%Y-%m-%d"), "arms": {}}
     pretrained = args.pretrained

@@ -7,6 +7,8 @@ writes shards as it goes, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -95,10 +97,25 @@ class FeatureCache:
             make_encoder: Callable[[], TextEncoder] | None = None) -> np.ndarray:
         """Return the feature matrix, encoding (resumably) on a miss."""
         cached = self.load(texts, name)
-        if cached is not None:
-            log.info("text features: cache hit %s", self.paths(self.key(texts), name)[0])
-            return cached
-        return self._build(texts, name, make_encoder)
+        if cached is None:
+            # One builder at a time (DDP ranks, parallel runs): whoever waits re-checks and finds a hit.
+            with self._lock(texts, name):
+                cached = self.load(texts, name)
+                if cached is None:
+                    return self._build(texts, name, make_encoder)
+        log.info("text features: cache hit %s", self.paths(self.key(texts), name)[0])
+        return cached
+
+    @contextlib.contextmanager
+    def _lock(self, texts: Sequence[str], name: str):
+        npy, _ = self.paths(self.key(texts), name)
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        with open(npy.with_suffix(".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _build(self, texts: Sequence[str], name: str, make_encoder: Callable[[], TextEncoder] | None) -> np.ndarray:
         from tqdm.auto import tqdm
