@@ -10,6 +10,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
+from unisrec_x.lit.checkpoint import read_state_dict
+from unisrec_x.lit.guards import NonFiniteLossError, RNGStateCheckpoint
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
@@ -40,6 +42,15 @@ class UniSRecCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, evaluate the best checkpoint on the test split")
 
+    def _parse_ckpt_path(self) -> None:
+        """Open ``--ckpt_path`` through our reader first: a missing, truncated or code-carrying file
+        gets a one-line error naming it instead of a torch traceback."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("best", "last", "hpc", "registry"):
+            read_state_dict(path)
+        super()._parse_ckpt_path()
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit", True) and not self.trainer.fast_dev_run:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -55,6 +66,7 @@ def trainer_defaults() -> dict:
             EarlyStopping(monitor=MONITOR, mode="max", patience=10),
             ModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
             TestMetricsWriter(),
+            RNGStateCheckpoint(),
         ],
     }
 
@@ -68,7 +80,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                    save_config_kwargs={"overwrite": True}, args=args)
-    except DataError as err:
+    except (DataError, NonFiniteLossError) as err:
         logging.getLogger("unisrec-x").error("%s", err)
         sys.exit(2)
 

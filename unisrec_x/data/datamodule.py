@@ -15,9 +15,10 @@ import random
 
 from unisrec_x.data.augment import drop_words
 from unisrec_x.data.domain import MissingText, first_users, load_domain
+from unisrec_x.data.interactions import Duplicates
 from unisrec_x.data.multidomain import MergedDomains, merge_domains
 from unisrec_x.data.prepare import SOURCES, source_prefix
-from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples, Split
+from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
 from unisrec_x.paths import resolve_data_path
 from unisrec_x.text.cache import FeatureCache
 from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, encoder_dim
@@ -40,6 +41,7 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     def __init__(self, dataset: str | list[str] = "scientific/Scientific", data_root: str | None = None,
                  text_fields: list[str] | None = None, missing_text: MissingText = "error", dedupe: bool = False,
+                 duplicates: Duplicates = "keep",
                  max_seq_len: int = 50, batch_size: int = 2048, eval_batch_size: int = 1024,
                  length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
@@ -53,6 +55,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             text_fields: ``.item`` fields joined into the item text (ignored for ``.text`` files).
             missing_text: ``error`` if an item has no text, or ``empty`` to allow it with a warning.
             dedupe: keep each (user, item) once in plain ``.inter`` files (event logs).
+            duplicates: exact duplicate rows in ``.inter`` files: ``keep``, ``drop`` or ``error`` (always counted).
             max_seq_len: histories keep their last ``max_seq_len`` items.
             batch_size: training examples per step.
             eval_batch_size: rows per evaluation step.
@@ -68,7 +71,8 @@ class SeqRecDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         names = [dataset] if isinstance(dataset, str) else list(dataset)
-        domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe) for n in names]
+        domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe, duplicates)
+                   for n in names]
         if max_users:
             domains = [first_users(d, max_users) for d in domains]
         self.data: MergedDomains = merge_domains(domains)
@@ -107,7 +111,11 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     def examples(self, split: Split) -> SequenceExamples:
         if split not in self._splits:
-            self._splits[split] = SequenceExamples(self.data.sequences, split, self.max_seq_len, self.data.sequence_domain)
+            data = SequenceExamples(self.data.sequences, split, self.max_seq_len, self.data.sequence_domain)
+            if data.truncated:
+                log.info("%s: %d of %d histories are longer than max_seq_len=%d and keep their last %d items",
+                         split, data.truncated, len(data), self.max_seq_len, self.max_seq_len)
+            self._splits[split] = data
         return self._splits[split]
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
@@ -118,10 +126,14 @@ class SeqRecDataModule(pl.LightningDataModule):
             pool_batches=50 if self.length_bucketing else 1, seed=self.seed,
             rank=rank if shuffle else 0, world_size=world if shuffle else 1)
         # The sampler yields index lists and the dataset collates a whole batch in one gather.
-        return DataLoader(data, sampler=sampler, batch_size=None)
+        # An own generator: otherwise every new iterator draws a seed from the global RNG, so the
+        # dropout stream would depend on how often loaders were created (breaks exact resume).
+        return DataLoader(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
+        return ResumableLoader(loader.dataset, loader.sampler, lambda: progress.processed if progress else 0, loader.generator)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", shuffle=False)

@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from unisrec_x.data.interactions import UserSequences, read_benchmark, read_inter
+from unisrec_x.data.interactions import Duplicates, UserSequences, read_benchmark, read_inter
 from unisrec_x.data.text import read_item2index, read_item_fields, read_text_file
 from unisrec_x.errors import DataError
 
@@ -44,6 +44,7 @@ def load_domain(
     text_fields: Sequence[str] = ("title",),
     missing_text: MissingText = "error",
     dedupe: bool = False,
+    duplicates: Duplicates = "keep",
 ) -> Domain:
     """Load ``<prefix>.*`` files, detecting the form present.
 
@@ -56,7 +57,7 @@ def load_domain(
     if bench.is_file():
         interactions = read_benchmark(prefix)
     elif plain.is_file():
-        interactions = read_inter(plain, dedupe=dedupe)
+        interactions = read_inter(plain, dedupe=dedupe, duplicates=duplicates)
     else:
         raise DataError(f"no interactions: neither {bench.name} nor {plain.name} exists", prefix.parent)
 

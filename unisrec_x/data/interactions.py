@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from unisrec_x.data.atomic import AtomicTable, read_atomic
 from unisrec_x.errors import DataError
@@ -13,6 +14,7 @@ from unisrec_x.errors import DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+Duplicates = Literal["keep", "drop", "error"]
 
 
 @dataclass
@@ -85,7 +87,7 @@ def _timestamp(value: str, table: AtomicTable, row: int) -> float:
     return stamp
 
 
-def read_inter(path: str | Path, min_length: int = 3, dedupe: bool = False) -> UserSequences:
+def read_inter(path: str | Path, min_length: int = 3, dedupe: bool = False, duplicates: Duplicates = "keep") -> UserSequences:
     """Read a plain ``.inter`` file and order each user's items by time (ties keep file order).
 
     Args:
@@ -94,12 +96,30 @@ def read_inter(path: str | Path, min_length: int = 3, dedupe: bool = False) -> U
             they are dropped and counted, never a crash.
         dedupe: keep only the first (by time) occurrence of each (user, item) pair, for event
             logs such as Last.fm tag assignments where one row is not one consumption.
+        duplicates: rows repeating an earlier (user, item, timestamp) exactly are counted and
+            reported; ``keep`` them, ``drop`` them, or stop with an ``error`` naming the line.
     """
     table = read_atomic(path, required=("user_id", "item_id", "timestamp"))
-    per_user: dict[str, list[tuple[float, int]]] = {}
-    for row, (user, stamp) in enumerate(zip(table.column("user_id"), table.column("timestamp"))):
-        per_user.setdefault(user, []).append((_timestamp(stamp, table, row), row))
     items = table.column("item_id")
+    per_user: dict[str, list[tuple[float, int]]] = {}
+    seen_rows: dict[tuple[str, str, float], int] = {}
+    exact_repeats = 0
+    for row, (user, stamp) in enumerate(zip(table.column("user_id"), table.column("timestamp"))):
+        when = _timestamp(stamp, table, row)
+        key = (user, items[row], when)
+        if key in seen_rows:
+            exact_repeats += 1
+            if duplicates == "error":
+                raise DataError(f"row repeats line {table.lines[seen_rows[key]]} exactly (pass duplicates='drop' or 'keep')",
+                                table.path, table.lines[row])
+            if duplicates == "drop":
+                continue
+        else:
+            seen_rows[key] = row
+        per_user.setdefault(user, []).append((when, row))
+    if exact_repeats:
+        log.warning("%s: %d rows repeat an earlier row exactly (%s)", path, exact_repeats,
+                    "dropped" if duplicates == "drop" else "kept")
     users, sequences, first_seen = [], [], {}
     dropped = duplicates = 0
     for user, events in per_user.items():
@@ -122,4 +142,5 @@ def read_inter(path: str | Path, min_length: int = 3, dedupe: bool = False) -> U
         log.warning("%s: dropped %d users with fewer than %d interactions", path, dropped, min_length)
     if not users:
         raise DataError(f"no user has at least {min_length} interactions (leave-one-out needs train, valid and test items)", path)
-    return UserSequences(users, sequences, first_seen, {"users": len(users), "dropped_users": dropped, "duplicates_removed": duplicates})
+    return UserSequences(users, sequences, first_seen, {"users": len(users), "dropped_users": dropped,
+                                                        "repeated_pairs_removed": duplicates, "exact_duplicate_rows": exact_repeats})

@@ -7,7 +7,7 @@ every training prefix costs two integers instead of a padded row (RecBole materi
 
 from __future__ import annotations
 
-from typing import Iterator, Literal, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ class SequenceExamples(torch.utils.data.Dataset):
         self.seq_idx = torch.from_numpy(seq_idx)
         self.target_index = torch.from_numpy(starts[seq_idx] + target_pos)
         self.hist_len = torch.from_numpy(np.minimum(target_pos, max_seq_len))
+        self.truncated = int((target_pos > max_seq_len).sum())  # histories cut to their last max_seq_len items
         domain_arr = np.zeros(len(sequences), np.int64) if domains is None else np.asarray(domains, np.int64)
         self.domain = torch.from_numpy(domain_arr[seq_idx])
 
@@ -89,10 +90,15 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.pool = max(1, pool_batches) * batch_size
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # batches of the current epoch already trained before a resume
         self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` batches (same order as before)."""
+        self.epoch, self.skip = epoch, batches_done
 
     def _batches(self) -> list[torch.Tensor]:
         n = len(self.lengths)
@@ -113,7 +119,8 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         if self.world_size > 1:  # equal batch count per rank keeps DDP collectives in step
             per_rank = len(batches) // self.world_size
             batches = batches[self.rank * per_rank:(self.rank + 1) * per_rank]
-        for batch in batches:
+        start, self.skip = self.skip, 0
+        for batch in batches[start:]:
             yield batch.tolist()
 
     def __len__(self) -> int:
@@ -123,3 +130,22 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         else:
             count = sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
         return count // self.world_size if self.world_size > 1 else count
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A loader whose place inside an epoch is saved in checkpoints (Lightning's ``state_dict`` protocol).
+
+    With it, a run killed mid-epoch resumes at the next unseen batch instead of replaying the
+    epoch from its start.
+    """
+
+    def __init__(self, dataset: SequenceExamples, sampler: LengthBucketBatchSampler,
+                 batches_done: Callable[[], int], generator: torch.Generator | None = None) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, generator=generator)  # the sampler yields whole batches
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self._batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_from(state["epoch"], state["batches_done"])

@@ -6,7 +6,9 @@ import lightning.pytorch as pl
 import torch
 
 from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import load_pretrained
+from unisrec_x.lit.guards import check_finite
 from unisrec_x.losses import next_item_loss
 from unisrec_x.metrics import RankingMetrics
 from unisrec_x.model.unisrec import UniSRec
@@ -44,8 +46,18 @@ class SeqRecModule(pl.LightningModule):
         table = self.net.item_table()  # (N + 1, D), once per step
         seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
         loss = next_item_loss(self.net.score(seq_repr, table), batch.target)
+        check_finite(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback."""
+        own = self.state_dict()
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if key in own and own[key].shape != value.shape:
+                what = "item count" if "item_embedding" in key else "dimensions"
+                raise DataError(f"checkpoint has another {what}: {key} is {tuple(value.shape)} there, "
+                                 f"{tuple(own[key].shape)} in this model (data: {self.net.num_items} items)")
 
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass

@@ -6,6 +6,7 @@ import torch
 
 from unisrec_x.data.augment import item_drop, word_drop_positions
 from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.lit.guards import check_finite
 from unisrec_x.lit.module import SeqRecModule
 from unisrec_x.losses import info_nce
 from unisrec_x.model.unisrec import UniSRec
@@ -66,6 +67,7 @@ class PretrainModule(SeqRecModule):
             loss_seq_seq = info_nce(seq_repr, self.net.encoder(view_emb, view_len), temperature, same_target=batch.target)
             loss = loss + self.hparams.lambda_seq_seq * loss_seq_seq
             self.log("train/seq_seq", loss_seq_seq, batch_size=len(batch.target))
+        check_finite(loss, self.global_step)
         self.log("train/seq_item", loss_seq_item, batch_size=len(batch.target))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
         return loss

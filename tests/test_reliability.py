@@ -1,0 +1,111 @@
+"""Runs survive kills, repeat exactly, stop on NaN, and refuse unsafe or mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unisrec_x.cli import main
+from unisrec_x.data.sequences import SeqBatch
+from unisrec_x.lit.guards import NonFiniteLossError
+from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.model.unisrec import UniSRec
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "scientific" / "unisrec_transductive.yaml")
+
+
+def _args(tiny_encoder, root, save_dir):
+    return ["fit", "-c", CONFIG, "--data.max_users", "150", "--data.batch_size", "64", "--data.text_encoder", tiny_encoder,
+            "--data.data_root", str(root), "--trainer.max_epochs", "2", "--trainer.val_check_interval", "3",
+            "--trainer.check_val_every_n_epoch", "null", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(save_dir)]
+
+
+def _metrics(save_dir: Path) -> dict:
+    return json.loads(next(save_dir.rglob("test_metrics.json")).read_text())["metrics"]
+
+
+@pytest.fixture
+def env(tmp_path, tiny_encoder, real_root):
+    return {**os.environ, "UNISREC_X_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_encoder, real_root, monkeypatch):
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    main(_args(tiny_encoder, real_root, tmp_path / "a"))
+    main(_args(tiny_encoder, real_root, tmp_path / "b"))
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_encoder, real_root, env):
+    cli = [sys.executable, "-m", "unisrec_x.cli"]
+    subprocess.run(cli + _args(tiny_encoder, real_root, tmp_path / "whole"), env=env, cwd=tmp_path, check=True,
+                   capture_output=True, timeout=600)
+    victim = subprocess.Popen(cli + _args(tiny_encoder, real_root, tmp_path / "killed"), env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = None
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:  # wait for a mid-epoch checkpoint, then kill -9
+        found = list((tmp_path / "killed").rglob("last.ckpt"))
+        if found and torch.load(found[0], weights_only=True)["global_step"] >= 6:
+            last = found[0]
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert last is not None, "no checkpoint appeared before the run ended"
+    state = torch.load(last, weights_only=True)
+    steps_per_epoch = state["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] > 0  # inside an epoch
+    resumed = subprocess.run(cli + _args(tiny_encoder, real_root, tmp_path / "killed") + ["--ckpt_path", str(last)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert steps_per_epoch >= 6
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+
+
+def test_nan_loss_stops_naming_the_step():
+    net = UniSRec(num_items=5, plm_dim=8, hidden_dim=16, inner_dim=16, max_seq_len=5)
+    features = torch.randn(6, 8)
+    features[3] = float("nan")
+    net.set_item_features(features)
+    module = SeqRecModule(net)
+    batch = SeqBatch(torch.tensor([[1, 3]]), torch.tensor([2]), torch.tensor([2]), torch.tensor([0]))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at global step 0"):
+        module.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("damage, message", [("missing", "checkpoint not found"), ("truncate", "truncated or corrupted"),
+                                              ("pickle", "refused")])
+def test_bad_ckpt_path_exits_cleanly(tmp_path, tiny_encoder, real_root, monkeypatch, caplog, damage, message):
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.ckpt"
+    if damage == "truncate":
+        torch.save({"state_dict": {"net.x": torch.zeros(100)}}, path)
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "pickle":
+        torch.save({"state_dict": {}, "callback": print}, path)  # any non-tensor object, here a function reference
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "-c", CONFIG, "--data.max_users", "50", "--data.text_encoder", tiny_encoder,
+              "--data.data_root", str(real_root), "--ckpt_path", str(path), "--trainer.logger", "false"])
+    assert exit_info.value.code == 2 and message in caplog.text and str(path) in caplog.text
+
+
+def test_checkpoint_with_another_item_count_says_so(tmp_path, tiny_encoder, real_root, monkeypatch, caplog):
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    main(_args(tiny_encoder, real_root, tmp_path / "run")[:-2] + ["--trainer.logger", "false", "--trainer.max_epochs", "1",
+                                                                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    with pytest.raises(SystemExit):
+        main(["test", "-c", CONFIG, "--data.max_users", "60", "--data.text_encoder", tiny_encoder,
+              "--data.data_root", str(real_root), "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    assert "checkpoint has another item count" in caplog.text
