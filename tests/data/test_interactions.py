@@ -126,3 +126,53 @@ def test_non_integer_index(tmp_path):
 def test_missing_dataset_names_the_folder(tmp_path):
     with pytest.raises(DataError, match="no interactions"):
         load_domain(tmp_path / "Nothing")
+
+
+def test_unknown_item_in_test_split_names_the_line(tmp_path):
+    _bench(tmp_path, "u\t0 1\t2\nu\t0\t1\n", valid="u\t0 1 2\t3\n", test="u\t0 1 2 3\t99\n")
+    write(tmp_path / "B.item2index", "A\t0\nB\t1\nC\t2\nD\t3\n")
+    write(tmp_path / "B.text", "item_id:token\ttext:token_seq\nA\talpha\nB\tbeta\nC\tgamma\nD\tdelta\n")
+    with pytest.raises(DataError, match="item '99' is not in the item index") as err:
+        load_domain(tmp_path / "B")
+    assert err.value.path.endswith("B.test.inter") and err.value.line == 2
+
+
+@pytest.mark.parametrize("policy, kept", [("keep", 5), ("drop", 4)])
+def test_exact_duplicate_rows_are_counted_and_follow_the_policy(tmp_path, policy, kept, caplog):
+    path = write(tmp_path / "d.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+                 "u\ta\t1\nu\tb\t2\nu\tb\t2\nu\tc\t3\nu\td\t4\n")
+    seqs = read_inter(path, duplicates=policy)
+    assert seqs.counts["exact_duplicate_rows"] == 1 and len(seqs.sequences[0]) == kept
+    assert "1 rows repeat an earlier row exactly" in caplog.text
+
+
+def test_exact_duplicate_rows_can_be_an_error(tmp_path):
+    path = write(tmp_path / "d.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\t2\nu\tb\t2\n")
+    with pytest.raises(DataError, match="repeats line 3 exactly") as err:
+        read_inter(path, duplicates="error")
+    assert err.value.line == 4
+
+
+def test_long_histories_are_truncated_and_counted(real_root):
+    from unisrec_x.data.sequences import SequenceExamples
+
+    domain = load_domain(real_root / "scientific" / "Scientific")
+    test = SequenceExamples(domain.sequences, "test", max_seq_len=50)
+    assert test.truncated == sum(len(s) - 1 > 50 for s in domain.sequences) == 3  # PROVENANCE: 3 users exceed 51
+    assert int(test.hist_len.max()) == 50
+
+
+def test_item_ids_shared_across_domains_stay_separate(real_root, tmp_path, caplog):
+    from unisrec_x.data.multidomain import merge_domains
+    from unisrec_x.data.prepare import prepare_office
+
+    office = load_domain(prepare_office(real_root, tmp_path))
+    scientific = load_domain(real_root / "scientific" / "Scientific")
+    # Scientific is keyed by index, so make the overlap visible the way a user's own ASIN-keyed files would
+    asin = {v: k for k, v in (l.split("\t") for l in (real_root / "scientific" / "Scientific.item2index").read_text().splitlines())}
+    scientific.item_tokens = [asin[t] for t in scientific.item_tokens]
+    office_asin = {v: k for k, v in (l.split("\t") for l in (real_root / "office" / "Office.item2index").read_text().splitlines())}
+    office.item_tokens = [office_asin[t] for t in office.item_tokens]
+    merged = merge_domains([scientific, office])
+    assert "11 item ids appear in more than one domain" in caplog.text  # the tapes listed in both categories
+    assert merged.num_items == scientific.num_items + office.num_items
