@@ -42,7 +42,8 @@ FOUNDATION = [
 ]
 PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm",
                ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "240", "--trainer.val_check_interval", "60"],
-               quick_args=["--trainer.max_steps", "40", "--trainer.val_check_interval", "20"])
+               quick_args=["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--data.max_users", "800",
+                           "--data.batch_size", "512"])
 _PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
 TRANSFER = FOUNDATION + [
     Arm("zero_shot", "Pretrained, zero-shot (no fine-tuning)", ["-c", "configs/transfer/zero_shot.yaml", *_PRETRAINED],
@@ -56,7 +57,9 @@ TRANSFER = FOUNDATION + [
         uses_pretrained=True),
 ]
 EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER}
-QUICK_ARGS = ["--trainer.max_epochs", "8"]
+#: ``--quick``: real data, smaller: the first 3,000 Scientific users (their items only) and at most 8 epochs.
+QUICK_ARGS = ["--trainer.max_epochs", "8", "--data.max_users", "3000"]
+QUICK_TEST_ARGS = ["--data.max_users", "3000"]
 
 
 def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None, pretrained: str | None = None) -> list[str]:
@@ -64,8 +67,8 @@ def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str 
     cmd = ["unisrec-x", arm.subcommand, *args, "--seed_everything", str(seed),
            "--trainer.logger.init_args.save_dir", str(out_dir), "--trainer.logger.init_args.name", arm.name,
            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
-    if quick and arm.subcommand == "fit":
-        cmd += (arm.quick_args or QUICK_ARGS)  # later flags override earlier ones
+    if quick:  # later flags override earlier ones
+        cmd += (arm.quick_args or QUICK_ARGS) if arm.subcommand == "fit" else QUICK_TEST_ARGS
     if data_root:
         cmd += ["--data.data_root", data_root]
     return cmd
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     """``unisrec-x experiment NAME``: run every arm for each seed, write ``results/NAME.{json,md}``."""
     parser = argparse.ArgumentParser(prog="unisrec-x experiment", description=main.__doc__)
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--quick", action="store_true", help=f"cap training ({' '.join(QUICK_ARGS)}) to finish in minutes")
+    parser.add_argument("--quick", action="store_true", help=f"smaller real run ({' '.join(QUICK_ARGS)}) that finishes in minutes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2022])
     parser.add_argument("--arms", nargs="+", help="run only these arms")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     # Runs are keyed by arm, not by experiment: foundation and transfer share their from-scratch arms,
     # and a finished arm with the same command is reused rather than trained again.
     run_root = Path(args.runs) / ("quick" if args.quick else "full")
-    results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": "Scientific test split",
+    dataset = "Scientific test split" + (", first 3,000 users (quick)" if args.quick else "")
+    results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": dataset,
                "date": time.strftime("%Y-%m-%d"), "arms": {}}
     pretrained = args.pretrained
     if pretrained is None and any(a.uses_pretrained for a in arms):

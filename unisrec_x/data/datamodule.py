@@ -1,17 +1,17 @@
-"""SeqRecDataModule: one domain's files -> text features + train/valid/test batches."""
+"""SeqRecDataModule: one or several domains' files -> text features + train/valid/test batches."""
 
 from __future__ import annotations
 
 import logging
+import random
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-
-import random
 
 from unisrec_x.data.augment import drop_words
 from unisrec_x.data.domain import MissingText, first_users, load_domain
@@ -105,7 +105,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         return self._features(cache, lambda texts: [drop_words(t, self.word_drop_prob, random.Random(self.seed + i))
                                                     for i, t in enumerate(texts)])
 
-    def _features(self, cache: FeatureCache, transform=lambda texts: texts) -> torch.Tensor:
+    def _features(self, cache: FeatureCache, transform: Callable[[list[str]], list[str]] = list) -> torch.Tensor:
         parts = [cache.get(transform(d.item_texts), name=d.name.lower()) for d in self.data.domains]
         return torch.from_numpy(np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts]))
 
@@ -118,25 +118,28 @@ class SeqRecDataModule(pl.LightningDataModule):
             self._splits[split] = data
         return self._splits[split]
 
-    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
-        data = self.examples(split)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = LengthBucketBatchSampler(
-            data.hist_len, self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle,
-            pool_batches=50 if self.length_bucketing else 1, seed=self.seed,
-            rank=rank if shuffle else 0, world_size=world if shuffle else 1)
-        # The sampler yields index lists and the dataset collates a whole batch in one gather.
-        # An own generator: otherwise every new iterator draws a seed from the global RNG, so the
-        # dropout stream would depend on how often loaders were created (breaks exact resume).
-        return DataLoader(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+    def _generator(self) -> torch.Generator:
+        # Each loader has its own generator: otherwise every new iterator draws a seed from the
+        # global RNG, so the dropout stream would depend on how often loaders were created.
+        return torch.Generator().manual_seed(self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", shuffle=True)
+        """Shuffled, length-bucketed batches, sharded across DDP ranks; resumable mid-epoch."""
+        data = self.examples("train")
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = LengthBucketBatchSampler(data.hist_len, self.batch_size, shuffle=True, seed=self.seed,
+                                           pool_batches=50 if self.length_bucketing else 1, rank=rank, world_size=world)
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
-        return ResumableLoader(loader.dataset, loader.sampler, lambda: progress.processed if progress else 0, loader.generator)
+        return ResumableLoader(data, sampler, lambda: progress.processed if progress else 0, self._generator())
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        data = self.examples(split)
+        sampler = LengthBucketBatchSampler(data.hist_len, self.eval_batch_size, shuffle=False)
+        # The sampler yields index lists and the dataset collates a whole batch in one gather.
+        return DataLoader(data, sampler=sampler, batch_size=None, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", shuffle=False)
+        return self._eval_loader("valid")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")

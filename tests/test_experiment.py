@@ -1,0 +1,45 @@
+"""The experiment runner: finished arms are reused, changed ones re-run; tables summarise seeds."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from unisrec_x import experiment
+from unisrec_x.experiment import FOUNDATION, arm_command, markdown_table, run_arm, summarise
+
+
+def _finish(tmp_path, arm, seed, command, ndcg):
+    run_dir = tmp_path / arm.name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "finished.json").write_text(json.dumps({"command": shlex.join(command), "wall_s": 12.0}))
+    metrics = {"recall@10": 0.1, "ndcg@10": ndcg, "recall@50": 0.2, "ndcg@50": 0.07}
+    (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "fit_seconds": 10.0, "epochs_trained": 4}))
+
+
+def test_finished_arm_is_reused_and_changed_command_reruns(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05)
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished arm"))
+    result = run_arm(arm, 1, tmp_path, False, None)
+    assert result["metrics"]["ndcg@10"] == 0.05 and result["wall_s"] == 12.0 and not calls
+
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+    with pytest.raises(RuntimeError, match="failed"):  # --quick changes the command: the old run is not reused
+        run_arm(arm, 1, tmp_path, True, None)
+    assert len(calls) == 1
+
+
+def test_summary_and_table_over_seeds(tmp_path):
+    runs = [{"metrics": {"recall@10": r, "ndcg@10": r / 2, "recall@50": r * 2, "ndcg@50": r}, "epochs": 3, "wall_s": 5.0}
+            for r in (0.1, 0.2, 0.3)]
+    summary = summarise(runs)
+    assert summary["recall@10"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1)}
+    table = markdown_table({"arms": {"a": {"label": "Arm A", "summary": summary, "runs": runs}}})
+    assert "| Arm A | 0.2000 ± 0.1000 | 0.1000 ± 0.0500 |" in table and "3/3/3" in table
