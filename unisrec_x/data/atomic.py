@@ -60,6 +60,7 @@ def read_atomic(
     path: str | Path,
     required: Sequence[str] = (),
     names: Sequence[str] | None = None,
+    typed_header: bool = True,
 ) -> AtomicTable:
     """Read an atomic file, checking every row.
 
@@ -67,6 +68,8 @@ def read_atomic(
         path: the file.
         required: field names that must be present (a misspelling gets a suggestion).
         names: for headerless files (``.item2index``), the column names; every column is a token.
+        typed_header: ``False`` reads a plain header (``user_id<TAB>item_id``, as in ReChorus'
+            CSVs) whose columns are all tokens.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,9 +81,12 @@ def read_atomic(
     rows = [r[:-1] if r.endswith("\r") else r for r in rows]  # CRLF files are accepted as is
     if not rows or (names is None and len(rows) == 1 and not rows[0].strip()):
         raise DataError("file is empty" + ("" if names else " (expected a header line name:type ...)"), path)
-    if names is None:
+    if names is None and typed_header:
         fields, types = _parse_header(rows[0].split("\t"), path)
         first_line, body = 2, rows[1:]
+    elif names is None:
+        fields = [cell.strip() for cell in rows[0].split("\t")]
+        types, first_line, body = ["token"] * len(fields), 2, rows[1:]
     else:
         fields, types = list(names), ["token"] * len(names)
         first_line, body = 1, rows

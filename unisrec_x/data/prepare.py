@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from unisrec_x.data.atomic import AtomicTable, read_atomic, write_atomic
+from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.data.text import clean_text
 from unisrec_x.errors import DataError
 from unisrec_x.paths import cache_dir, data_root
@@ -19,25 +19,6 @@ log = logging.getLogger(__name__)
 
 INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
 TEXT_FIELDS = [("item_id", "token"), ("text", "token_seq")]
-
-
-def _plain_tsv(path: Path, columns: tuple[str, ...]) -> AtomicTable:
-    """A headered TSV without RecBole type suffixes (ReChorus' format); the header is checked."""
-    raw = read_atomic(path, names=_header_names(path))
-    missing = [c for c in columns if c not in raw.fields]
-    if missing:
-        raise DataError(f"missing column(s) {missing} (header has {raw.fields})", path, 1)
-    for name in raw.fields:
-        raw.columns[name] = raw.columns[name][1:]
-    raw.lines = raw.lines[1:]
-    return raw
-
-
-def _header_names(path: Path) -> tuple[str, ...]:
-    if not path.is_file():
-        raise DataError("file not found", path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return tuple(handle.readline().rstrip("\r\n").split("\t"))
 
 
 def prepare_office(root: Path, out: Path) -> Path:
@@ -51,9 +32,9 @@ def prepare_office(root: Path, out: Path) -> Path:
     asin_to_id = dict(zip(index.column("asin"), index.column("item_id")))
     rows = []
     for split in ("train", "dev", "test"):
-        table = _plain_tsv(src / f"{split}.csv", ("user_id", "item_id", "time"))
+        table = read_atomic(src / f"{split}.csv", required=("user_id", "item_id", "time"), typed_header=False)
         rows += zip(table.column("user_id"), table.column("item_id"), table.column("time"))
-    texts = _plain_tsv(src / "Office.text", ("id", "text"))
+    texts = read_atomic(src / "Office.text", required=("id", "text"), typed_header=False)
     text_rows = []
     for row, (asin, text) in enumerate(zip(texts.column("id"), texts.column("text"))):
         if asin not in asin_to_id:
