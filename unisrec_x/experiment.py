@@ -41,7 +41,7 @@ FOUNDATION = [
     Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
 ]
 PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm",
-               ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "240", "--trainer.val_check_interval", "60"],
+               ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "120", "--trainer.val_check_interval", "60"],
                quick_args=["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--data.max_users", "800",
                            "--data.batch_size", "512"])
 _PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
