@@ -43,7 +43,7 @@ FOUNDATION = [
 PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm",
                ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "120", "--trainer.val_check_interval", "60"],
                quick_args=["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--data.max_users", "800",
-                           "--data.batch_size", "512"])
+                           "--data.batch_size", "256"])
 _PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
 TRANSFER = FOUNDATION + [
     Arm("zero_shot", "Pretrained, zero-shot (no fine-tuning)", ["-c", "configs/transfer/zero_shot.yaml", *_PRETRAINED],
@@ -57,8 +57,8 @@ TRANSFER = FOUNDATION + [
         uses_pretrained=True),
 ]
 EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER}
-#: ``--quick``: real data, smaller: the first 3,000 Scientific users (their items only) and at most 8 epochs.
-QUICK_ARGS = ["--trainer.max_epochs", "8", "--data.max_users", "3000"]
+#: ``--quick``: real data, smaller: the first 3,000 Scientific users (their items only) and at most 6 epochs.
+QUICK_ARGS = ["--trainer.max_epochs", "6", "--data.max_users", "3000"]
 QUICK_TEST_ARGS = ["--data.max_users", "3000"]
 
 
