@@ -79,9 +79,10 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
     cmd = arm_command(arm, seed, out_dir, quick, data_root, pretrained)
     run_dir = out_dir / arm.name / f"seed{seed}"
     done_marker = run_dir / "finished.json"
-    if done_marker.exists() and json.loads(done_marker.read_text()).get("command") == shlex.join(cmd):
+    finished = json.loads(done_marker.read_text()) if done_marker.exists() else {}
+    if finished.get("command") == shlex.join(cmd):
         log.info("%s (seed %d): reusing the finished run in %s", arm.label, seed, run_dir)
-        wall = json.loads(done_marker.read_text())["wall_s"]
+        wall = finished["wall_s"]
     else:
         if run_dir.exists():  # an interrupted or differently configured run: start it afresh
             for old in sorted(run_dir.rglob("*"), reverse=True):

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
 TEXT_FIELDS = [("item_id", "token"), ("text", "token_seq")]
+#: source name -> (folder, file stem) of its prepared files
+SOURCE_FILES = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm")}
 
 
 def prepare_office(root: Path, out: Path) -> Path:
@@ -40,7 +42,7 @@ def prepare_office(root: Path, out: Path) -> Path:
         if asin not in asin_to_id:
             raise DataError(f"ASIN {asin!r} is not in Office.item2index", texts.path, texts.lines[row])
         text_rows.append((asin_to_id[asin], clean_text(text)))
-    return _write(out, "office", "Office", rows, text_rows)
+    return _write(out, "office", rows, text_rows)
 
 
 def prepare_ml100k(out: Path) -> Path:
@@ -57,7 +59,7 @@ def prepare_ml100k(out: Path) -> Path:
     text_rows = [(i, ". ".join(p for p in (clean_text(t), clean_text(c), y.strip()) if p))
                  for i, t, y, c in zip(items.column("item_id"), items.column("movie_title"),
                                        items.column("release_year"), items.column("class"))]
-    return _write(out, "ml-100k", "ml-100k", rows, text_rows)
+    return _write(out, "ml-100k", rows, text_rows)
 
 
 def prepare_lastfm(root: Path, out: Path) -> Path:
@@ -82,10 +84,11 @@ def prepare_lastfm(root: Path, out: Path) -> Path:
     rows = [(u, i, int(t // 1000)) for (u, i), t in first.items()]  # milliseconds -> seconds
     items = read_atomic(src / "lastfm.item", required=("item_id", "name"))
     text_rows = [(i, clean_text(n)) for i, n in zip(items.column("item_id"), items.column("name"))]
-    return _write(out, "lastfm", "lastfm", rows, text_rows)
+    return _write(out, "lastfm", rows, text_rows)
 
 
-def _write(out: Path, folder: str, name: str, rows: list, text_rows: list) -> Path:
+def _write(out: Path, source: str, rows: list, text_rows: list) -> Path:
+    folder, name = SOURCE_FILES[source]
     prefix = out / folder / name
     write_atomic(f"{prefix}.inter", INTER_FIELDS, rows)
     write_atomic(f"{prefix}.text", TEXT_FIELDS, text_rows)
@@ -108,7 +111,7 @@ def prepared_dir() -> Path:
 def source_prefix(name: str, root: str | Path | None = None, out: Path | None = None) -> Path:
     """Prefix of a prepared source, preparing it on first use (seconds)."""
     out = out or prepared_dir()
-    folder, stem = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm")}[name]
+    folder, stem = SOURCE_FILES[name]
     prefix = out / folder / stem
     if not Path(f"{prefix}.inter").is_file() or not Path(f"{prefix}.text").is_file():
         SOURCES[name](data_root(root), out)

@@ -37,10 +37,14 @@ class SeqRecModule(pl.LightningModule):
         self.metrics = RankingMetrics(ks or [10, 50])
         self._eval_table: torch.Tensor | None = None
 
+    @property
+    def datamodule(self):
+        """The trainer's DataModule, or ``None`` outside a trainer (e.g. in unit tests)."""
+        return getattr(self._trainer, "datamodule", None)
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if self.net.use_text and datamodule is not None:
-            self.net.set_item_features(datamodule.item_features)
+        if self.net.use_text and self.datamodule is not None:
+            self.net.set_item_features(self.datamodule.item_features)
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
         table = self.net.item_table()  # (N + 1, D), once per step

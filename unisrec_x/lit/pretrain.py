@@ -39,8 +39,8 @@ class PretrainModule(SeqRecModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         needs_word_drop = self.hparams.lambda_seq_seq > 0 and self.hparams.item_drop_view_prob < 1
-        if needs_word_drop and self._trainer is not None and self.trainer.datamodule is not None:
-            self.word_drop_features = self.trainer.datamodule.word_drop_features.to(self.device)
+        if needs_word_drop and self.datamodule is not None:
+            self.word_drop_features = self.datamodule.word_drop_features.to(self.device)
 
     def view(self, batch: SeqBatch, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented history vectors (B, L, D) and lengths: item drop for most rows, word drop for the rest."""

@@ -73,7 +73,9 @@ class FeatureCache:
     def load(self, texts: Sequence[str], name: str = "items") -> np.ndarray | None:
         """The cached matrix (memory-mapped) if present and valid; ``None`` otherwise, with the reason logged."""
         key = self.key(texts)
-        npy, meta_path = self.paths(key, name)
+        return self._load(key, *self.paths(key, name))
+
+    def _load(self, key: dict, npy: Path, meta_path: Path) -> np.ndarray | None:
         if not npy.exists() or not meta_path.exists():
             return None
         try:
@@ -82,8 +84,9 @@ class FeatureCache:
                 log.warning("%s: cache key differs from the request; re-encoding", meta_path)
                 return None
             array = np.load(npy, mmap_mode="r", allow_pickle=False)
-            if array.shape != (len(texts), meta["dim"]) or array.dtype != np.float32:
-                log.warning("%s: shape %s/%s does not match %d texts x %d; re-encoding", npy, array.shape, array.dtype, len(texts), meta["dim"])
+            if array.shape != (key["num_texts"], meta["dim"]) or array.dtype != np.float32:
+                log.warning("%s: shape %s/%s does not match %d texts x %d; re-encoding", npy, array.shape, array.dtype,
+                            key["num_texts"], meta["dim"])
                 return None
             if hashlib.sha256(npy.read_bytes()).hexdigest() != meta["file_sha256"]:
                 log.warning("%s: checksum mismatch (file altered or truncated); re-encoding", npy)
@@ -96,19 +99,20 @@ class FeatureCache:
     def get(self, texts: Sequence[str], name: str = "items",
             make_encoder: Callable[[], TextEncoder] | None = None) -> np.ndarray:
         """Return the feature matrix, encoding (resumably) on a miss."""
-        cached = self.load(texts, name)
+        key = self.key(texts)  # hashes every text: computed once per call
+        npy, meta_path = self.paths(key, name)
+        cached = self._load(key, npy, meta_path)
         if cached is None:
             # One builder at a time (DDP ranks, parallel runs): whoever waits re-checks and finds a hit.
-            with self._lock(texts, name):
-                cached = self.load(texts, name)
+            with self._lock(npy):
+                cached = self._load(key, npy, meta_path)
                 if cached is None:
-                    return self._build(texts, name, make_encoder)
-        log.info("text features: cache hit %s", self.paths(self.key(texts), name)[0])
+                    return self._build(texts, key, npy, meta_path, make_encoder)
+        log.info("text features: cache hit %s", npy)
         return cached
 
     @contextlib.contextmanager
-    def _lock(self, texts: Sequence[str], name: str):
-        npy, _ = self.paths(self.key(texts), name)
+    def _lock(self, npy: Path):
         npy.parent.mkdir(parents=True, exist_ok=True)
         with open(npy.with_suffix(".lock"), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -117,11 +121,10 @@ class FeatureCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _build(self, texts: Sequence[str], name: str, make_encoder: Callable[[], TextEncoder] | None) -> np.ndarray:
+    def _build(self, texts: Sequence[str], key: dict, npy: Path, meta_path: Path,
+               make_encoder: Callable[[], TextEncoder] | None) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        key = self.key(texts)
-        npy, meta_path = self.paths(key, name)
         encoder = make_encoder() if make_encoder else TextEncoder(self.encoder, self.pooling, self.max_length, self.batch_size)
         shard_dir = npy.with_suffix(".shards")
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ class FeatureCache:
         if len(done) - len(todo):
             log.info("text features: resuming, %d of %d already encoded", len(done) - len(todo), len(texts))
         pending_rows: list[np.ndarray] = []
-        bar = tqdm(total=len(todo), desc=f"encoding {name}", unit="text", disable=len(todo) < 256)
+        bar = tqdm(total=len(todo), desc=f"encoding {npy.stem}", unit="text", disable=len(todo) < 256)
         for rows, vectors in encoder.batches([texts[i] for i in todo]):
             rows = todo[rows]
             out[rows] = vectors
