@@ -29,8 +29,18 @@ def _prepare():
     return run
 
 
+def _serving(name: str):
+    def load():
+        from unisrec_x.serving.commands import COMMANDS as SERVING
+
+        return lambda words: sys.exit(SERVING[name](words))
+
+    return load
+
+
 #: Commands beside LightningCLI's fit/validate/test/predict (imported lazily: they need no Lightning).
-COMMANDS = {"experiment": _experiment, "prepare": _prepare}
+COMMANDS = {"experiment": _experiment, "prepare": _prepare,
+            **{name: _serving(name) for name in ("recommend", "add-items", "export", "serve")}}
 
 
 class UniSRecCLI(LightningCLI):

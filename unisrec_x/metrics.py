@@ -49,7 +49,11 @@ class RankingMetrics:
 
     def update(self, logits: torch.Tensor, target_index: torch.Tensor) -> None:
         """logits (B, N) over candidates; target_index (B,) column of each row's target."""
-        self._ranks.append(target_ranks(logits, target_index).cpu())
+        self.update_ranks(target_ranks(logits, target_index))
+
+    def update_ranks(self, ranks: torch.Tensor) -> None:
+        """0-based target ranks (B,), e.g. from ``ranking.chunked_target_ranks``."""
+        self._ranks.append(ranks.cpu())
 
     @property
     def ranks(self) -> torch.Tensor:

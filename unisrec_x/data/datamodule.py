@@ -14,11 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from unisrec_x.data.augment import drop_words
-from unisrec_x.data.domain import MissingText, first_users, load_domain
+from unisrec_x.data.domain import MissingText, first_users, load_domain, without_items
 from unisrec_x.data.interactions import Duplicates
 from unisrec_x.data.multidomain import MergedDomains, merge_domains
 from unisrec_x.data.prepare import SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
+from unisrec_x.errors import DataError
 from unisrec_x.paths import resolve_data_path
 from unisrec_x.text.cache import FeatureCache
 from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, encoder_dim
@@ -45,7 +46,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  max_seq_len: int = 50, batch_size: int = 2048, eval_batch_size: int = 1024,
                  length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
-                 seed: int = 0, word_drop_prob: float = 0.15) -> None:
+                 seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -67,12 +68,20 @@ class SeqRecDataModule(pl.LightningDataModule):
             encode_batch_size: texts per encoder forward pass.
             seed: shuffling seed.
             word_drop_prob: share of words dropped from each text for the word-drop view (pretraining).
+            exclude_items: item tokens removed from the catalog and every history (held out, e.g. to
+                add them back later through ``Recommender.add_items``).
         """
         super().__init__()
         self.save_hyperparameters()
         names = [dataset] if isinstance(dataset, str) else list(dataset)
         domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe, duplicates)
                    for n in names]
+        if exclude_items:
+            known = {t for d in domains for t in d.item_tokens}
+            unknown = [t for t in exclude_items if t not in known]
+            if unknown:
+                raise DataError(f"exclude_items names unknown item(s) {unknown[:10]}", resolve_dataset(names[0], data_root))
+            domains = [without_items(d, [t for t in exclude_items if t in set(d.item_tokens)]) for d in domains]
         if max_users:
             domains = [first_users(d, max_users) for d in domains]
         self.data: MergedDomains = merge_domains(domains)

@@ -100,3 +100,22 @@ def first_users(domain: Domain, max_users: int) -> Domain:
     remap[used] = np.arange(1, len(used) + 1)
     return Domain(domain.name, [domain.item_tokens[i - 1] for i in used], [domain.item_texts[i - 1] for i in used],
                   domain.users[:max_users], [remap[s] for s in sequences])
+
+
+def without_items(domain: Domain, tokens: Sequence[str]) -> Domain:
+    """The domain with ``tokens`` removed from the catalog and from every history, re-indexed.
+
+    Holds items out of training, e.g. to check that a text model ranks them once they are added.
+    """
+    index = {t: i + 1 for i, t in enumerate(domain.item_tokens)}
+    unknown = [t for t in tokens if t not in index]
+    if unknown:
+        raise DataError(f"cannot exclude unknown item(s) {unknown[:10]} from {domain.name}")
+    keep = np.ones(domain.num_items + 1, dtype=bool)
+    keep[[index[t] for t in tokens]] = False
+    keep[0] = False
+    remap = np.zeros(domain.num_items + 1, dtype=np.int64)
+    remap[keep] = np.arange(1, int(keep.sum()) + 1)
+    kept = np.flatnonzero(keep)
+    return Domain(domain.name, [domain.item_tokens[i - 1] for i in kept], [domain.item_texts[i - 1] for i in kept],
+                  domain.users, [remap[s[keep[s]]] for s in domain.sequences])

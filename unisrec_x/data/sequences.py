@@ -62,6 +62,11 @@ class SequenceExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.target_index)
 
+    @property
+    def targets(self) -> torch.Tensor:
+        """Target item of every example (B,): item popularity for sampled softmax."""
+        return self.items[self.target_index]
+
     def __getitem__(self, index: Sequence[int] | torch.Tensor) -> SeqBatch:
         index = torch.as_tensor(index, dtype=torch.long)
         seq_len = self.hist_len[index]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 
@@ -12,13 +14,16 @@ from unisrec_x.lit.guards import check_finite
 from unisrec_x.losses import next_item_loss
 from unisrec_x.metrics import RankingMetrics
 from unisrec_x.model.unisrec import UniSRec
+from unisrec_x.ranking import DEFAULT_CHUNK, chunked_target_ranks
+from unisrec_x.sampled_softmax import NegativeSampler, NegativeSampling, sampled_softmax_loss
 
 
 class SeqRecModule(pl.LightningModule):
     """Trains any ``UniSRec`` variant (SASRec-ID, inductive, transductive) on next-item prediction."""
 
     def __init__(self, net: UniSRec, ks: list[int] | None = None, pretrained: str | None = None,
-                 freeze_encoder: bool = False) -> None:
+                 freeze_encoder: bool = False, loss: Literal["full", "sampled"] = "full", num_negatives: int = 1024,
+                 negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -26,6 +31,11 @@ class SeqRecModule(pl.LightningModule):
             pretrained: checkpoint of a pretrained model to start from (its item-ID embedding, if any, is not used).
             freeze_encoder: keep the sequence encoder (Transformer, positions) fixed and train only the
                 adapter (and ID embedding): the paper's parameter-efficient fine-tuning.
+            loss: ``full`` softmax over the catalog, or ``sampled`` (in-batch + ``num_negatives`` negatives,
+                log-Q corrected; only the items a batch touches are adapted) for large catalogs.
+            num_negatives: extra negatives per step for the sampled loss.
+            negative_sampling: ``uniform`` or ``popularity`` negatives for the sampled loss.
+            eval_chunk_size: items scored at a time in evaluation (and adapted at a time), bounding memory.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -34,8 +44,14 @@ class SeqRecModule(pl.LightningModule):
             load_pretrained(net, pretrained)
         if freeze_encoder:
             net.encoder.requires_grad_(False)
+        if loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be 'full' or 'sampled', got {loss!r}")
+        self.loss, self.num_negatives, self.negative_sampling = loss, num_negatives, negative_sampling
+        self.eval_chunk_size = eval_chunk_size
+        self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
         self._eval_table: torch.Tensor | None = None
+        self._eval_candidates: torch.Tensor | None = None
 
     @property
     def datamodule(self):
@@ -43,16 +59,37 @@ class SeqRecModule(pl.LightningModule):
         return getattr(self._trainer, "datamodule", None)
 
     def setup(self, stage: str) -> None:
-        if self.net.use_text and self.datamodule is not None:
+        if self.datamodule is None:
+            return
+        if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
+        if self.loss == "sampled" and stage == "fit":
+            counts = torch.bincount(self.datamodule.examples("train").targets, minlength=self.net.num_items + 1)
+            self.sampler = NegativeSampler(counts, self.num_negatives, self.negative_sampling)
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
-        table = self.net.item_table()  # (N + 1, D), once per step
-        seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
-        loss = next_item_loss(self.net.score(seq_repr, table), batch.target)
+        if self.loss == "sampled":
+            loss = self._sampled_loss(batch)
+        else:
+            table = self.net.item_table()  # (N + 1, D), once per step
+            seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
+            loss = next_item_loss(self.net.score(seq_repr, table), batch.target)
         check_finite(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
         return loss
+
+    def _sampled_loss(self, batch: SeqBatch) -> torch.Tensor:
+        """Adapt only the items this batch touches (histories, targets, negatives), then sampled softmax."""
+        if self.sampler is None:
+            raise RuntimeError("loss='sampled' needs item popularity: train through a SeqRecDataModule")
+        candidates = torch.cat([batch.target, self.sampler.sample(batch.target.device)])
+        ids, where = torch.unique(torch.cat([batch.item_seq.flatten(), candidates]), return_inverse=True)
+        vectors = self.net.item_vectors(ids)  # (U, D)
+        history = vectors[where[:batch.item_seq.numel()]].view(*batch.item_seq.shape, -1)
+        seq_repr = self.net.encoder(history, batch.seq_len)
+        logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(vectors[where[batch.item_seq.numel():]]).T
+        return sampled_softmax_loss(logits, candidates, batch.target,
+                                    self.sampler.log_expected_count(candidates, len(batch.target)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback."""
@@ -65,15 +102,17 @@ class SeqRecModule(pl.LightningModule):
 
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass
-            self._eval_table = self.net.item_table()
+            self._eval_table = self.net.item_table(self.eval_chunk_size)
+            self._eval_candidates = self.net.candidate_vectors(self._eval_table[1:])
         seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, self._eval_table)
-        self.metrics.update(self.net.score(seq_repr, self._eval_table), batch.target - 1)
+        self.metrics.update_ranks(chunked_target_ranks(self.net.query_vectors(seq_repr), self._eval_candidates,
+                                                       batch.target - 1, self.eval_chunk_size))
 
     def _eval_end(self, prefix: str) -> None:
         values = self.metrics.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
         self.metrics.reset()
-        self._eval_table = None
+        self._eval_table = self._eval_candidates = None
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._eval_step(batch)

@@ -28,7 +28,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, D). Position t sees positions <= t only."""
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
         # Histories are right-padded, so under the causal mask a real position only ever sees
         # real positions: no key-padding mask is needed (padding outputs are never read).
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True,

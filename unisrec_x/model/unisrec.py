@@ -46,7 +46,10 @@ class UniSRec(nn.Module):
             similarity: ``cosine`` (L2-normalised, divided by ``temperature``, UniSRec) or ``dot`` (SASRec).
             temperature: softmax temperature for cosine scores.
         """
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        #: constructor arguments, so a saved model can be rebuilt without its training config
+        self.init_args = arguments
         if not (use_text or use_item_id):
             raise ValueError("an item needs text, an ID embedding, or both: set use_text or use_item_id")
         if use_item_id and num_items <= 0:
@@ -76,30 +79,50 @@ class UniSRec(nn.Module):
     def _device(self) -> torch.device:
         return self.encoder.position.weight.device
 
-    def item_table(self) -> torch.Tensor:
+    def item_table(self, chunk_size: int | None = None) -> torch.Tensor:
         """Vectors of every item, padding row included: (N + 1, D).
 
         Computed once per step and shared by the history lookup and the softmax, instead of
-        adapting each history item separately.
+        adapting each history item separately. ``chunk_size`` bounds the adapter's working
+        memory (it holds every expert's output for the rows it adapts): use it outside autograd
+        for large catalogs.
         """
-        table = None
+        rows = self.item_features.shape[0] if self.use_text else self.num_items + 1
+        if chunk_size is None or rows <= chunk_size:
+            return self.item_vectors(None)
+        return torch.cat([self.item_vectors(torch.arange(start, min(start + chunk_size, rows), device=self._device))
+                          for start in range(0, rows, chunk_size)])
+
+    def item_vectors(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Vectors of the items ``ids`` (any shape, 0 = padding) -> (*ids.shape, D); ``None`` = all items.
+
+        Lets sampled-softmax training adapt only the items a batch touches.
+        """
+        vectors = None
         if self.use_text:
             if self.item_features.shape[0] == 0:
                 raise RuntimeError("UniSRec uses text but has no item features: call set_item_features first")
-            table = self.adapter(self.item_features)
+            vectors = self.adapter(self.item_features if ids is None else self.item_features[ids])
         if self.item_embedding is not None:
-            ids = self.item_embedding.weight
-            table = ids if table is None else table + ids
-        return table
+            ids_part = self.item_embedding.weight if ids is None else self.item_embedding(ids)
+            vectors = ids_part if vectors is None else vectors + ids_part
+        return vectors
 
     def encode_sequences(self, item_seq: torch.Tensor, seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """item_seq (B, L), seq_len (B,) -> sequence vectors (B, D)."""
         table = self.item_table() if table is None else table
         return self.encoder(table[item_seq], seq_len)  # (B, L) -> (B, L, D) -> (B, D)
 
+    def query_vectors(self, seq_repr: torch.Tensor) -> torch.Tensor:
+        """Sequence vectors as queries: ``score = query @ candidate.T`` (temperature folded in)."""
+        if self.similarity == "cosine":
+            return F.normalize(seq_repr, dim=-1) / self.temperature
+        return seq_repr
+
+    def candidate_vectors(self, item_vectors: torch.Tensor) -> torch.Tensor:
+        """Item vectors as candidates: L2-normalised for cosine similarity, unchanged for dot."""
+        return F.normalize(item_vectors, dim=-1) if self.similarity == "cosine" else item_vectors
+
     def score(self, seq_repr: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """seq_repr (B, D) vs items 1..N of table (N + 1, D) -> logits (B, N); padding is never a candidate."""
-        candidates = table[1:]
-        if self.similarity == "cosine":
-            return F.normalize(seq_repr, dim=-1) @ F.normalize(candidates, dim=-1).T / self.temperature
-        return seq_repr @ candidates.T
+        return self.query_vectors(seq_repr) @ self.candidate_vectors(table[1:]).T

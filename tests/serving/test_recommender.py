@@ -1,0 +1,149 @@
+"""Recommender on a model trained on real Scientific data without one real item."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from unisrec_x.serving.recommender import Recommender, RequestError, TextSettings
+from unisrec_x.model.unisrec import UniSRec
+from tests.serving.conftest import HELD_OUT, SAME_FILAMENT
+
+
+@pytest.fixture
+def recommender(held_out_checkpoint, real_root, shared_cache, monkeypatch) -> Recommender:
+    monkeypatch.setenv("UNISREC_X_CACHE", str(shared_cache))
+    return Recommender.from_checkpoint(held_out_checkpoint, str(real_root))
+
+
+def test_new_item_added_by_text_alone_ranks_first_for_its_near_twins(recommender, held_out_text):
+    assert HELD_OUT not in recommender.token_to_id  # the model never saw it
+    with pytest.raises(RequestError, match=HELD_OUT):
+        recommender.recommend([[HELD_OUT]])
+    before = recommender.num_items
+    assert recommender.add_items({HELD_OUT: held_out_text}) == [HELD_OUT]
+    assert recommender.num_items == before + 1
+    for history in (SAME_FILAMENT, SAME_FILAMENT[:2]):
+        top = recommender.recommend([history], k=5, exclude_seen=True)[0]
+        assert top[0].item == HELD_OUT, [r.item for r in top]
+        assert top[0].text == held_out_text
+
+
+def test_recommend_equals_full_scoring_of_the_network(recommender):
+    histories = [SAME_FILAMENT, ["7"], ["1", "2", "3", "5"]]
+    item_seq, seq_len = recommender.encode_histories(histories)
+    net = recommender.net
+    with torch.inference_mode():
+        table = net.item_table()
+        full = net.score(net.encode_sequences(item_seq, seq_len, table), table)  # (B, N), the plain path
+    expected = full.topk(10, dim=1)
+    results = recommender.recommend(histories, k=10)
+    for row, recs in enumerate(results):
+        assert [recommender.token_to_id[r.item] - 1 for r in recs] == expected.indices[row].tolist()
+        np.testing.assert_allclose([r.score for r in recs], expected.values[row].numpy(), atol=1e-5)
+
+
+def test_exclude_seen_never_returns_history_items(recommender):
+    history = SAME_FILAMENT
+    seen = recommender.recommend([history], k=20)[0]
+    assert {r.item for r in seen} & set(history)  # near twins score high, so the flag matters here
+    unseen = recommender.recommend([history], k=20, exclude_seen=True)[0]
+    assert len(unseen) == 20 and not {r.item for r in unseen} & set(history)
+
+
+def test_long_history_keeps_its_last_items(recommender):
+    tokens = recommender.item_tokens[:120]
+    long = recommender.recommend([tokens], k=5)[0]
+    assert long == recommender.recommend([tokens[-recommender.max_history:]], k=5)[0]
+
+
+@pytest.mark.parametrize("histories, k, message", [
+    ([["no-such-item", "2", "also-missing"]], 10, "2 unknown item.*also-missing, no-such-item"),
+    ([[]], 10, "history 0 is empty"),
+    ([], 10, "no histories"),
+    ([["2"]], 0, "k must be between 1 and"),
+    ([["2"]], 10**6, "k must be between 1 and"),
+])
+def test_bad_requests_say_what_is_wrong(recommender, histories, k, message):
+    with pytest.raises(RequestError, match=message):
+        recommender.recommend(histories, k=k)
+
+
+def test_add_items_refuses_known_or_blank_items(recommender):
+    with pytest.raises(RequestError, match="already in the catalog: 2"):
+        recommender.add_items({"2": "anything"})
+    with pytest.raises(RequestError, match="empty text: new"):
+        recommender.add_items({"new": "   "})
+
+
+def test_model_directory_round_trip_keeps_added_items(recommender, held_out_text, tmp_path):
+    recommender.add_items({HELD_OUT: held_out_text})
+    expected = recommender.recommend([SAME_FILAMENT], k=10)
+    recommender.save(tmp_path / "model")
+    again = Recommender.from_checkpoint(tmp_path / "model")
+    assert again.num_items == recommender.num_items and again.item_tokens[-1] == HELD_OUT
+    got = again.recommend([SAME_FILAMENT], k=10)
+    assert [r.item for r in got[0]] == [r.item for r in expected[0]]
+    np.testing.assert_allclose([r.score for r in got[0]], [r.score for r in expected[0]], atol=1e-5)
+
+
+def test_export_reproduces_scores_without_this_package(recommender, tmp_path):
+    histories = [SAME_FILAMENT, ["7"], ["1", "2", "3", "5"]]
+    item_seq, seq_len = recommender.encode_histories(histories)
+    with torch.inference_mode():
+        net = recommender.net
+        expected = net.score(net.encode_sequences(item_seq, seq_len, recommender.table), recommender.table)
+    out = recommender.export(tmp_path / "export")
+    np.save(tmp_path / "item_seq.npy", item_seq.numpy())
+    np.save(tmp_path / "seq_len.npy", seq_len.numpy())
+    script = f"""
+import sys, numpy as np, torch
+encoder = torch.jit.load({str(out / 'query_encoder.pt')!r})
+vectors = np.load({str(out / 'item_vectors.npy')!r})
+query = encoder(torch.from_numpy(np.load({str(tmp_path / 'item_seq.npy')!r})),
+                torch.from_numpy(np.load({str(tmp_path / 'seq_len.npy')!r})))
+np.save({str(tmp_path / 'scores.npy')!r}, query.detach().numpy() @ vectors.T)
+assert not any(name.startswith('unisrec_x') for name in sys.modules), 'export needed unisrec_x'
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    scores = np.load(tmp_path / "scores.npy")
+    assert scores.shape == (3, recommender.num_items)
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    ids = (out / "item_ids.txt").read_text().splitlines()
+    assert ids == recommender.item_tokens
+    assert json.loads((out / "manifest.json").read_text())["items"] == recommender.num_items
+
+
+def test_transductive_new_items_fall_back_to_their_text_vector(monkeypatch):
+    torch.manual_seed(0)
+    net = UniSRec(num_items=5, plm_dim=8, hidden_dim=6, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2,
+                  use_text=True, use_item_id=True)
+    features = torch.randn(6, 8)
+    features[0] = 0
+    rec = Recommender(net, list("abcde"), list("ABCDE"), features, TextSettings("unused"))
+    new_features = torch.randn(1, 8)
+
+    class FixedEncoder:  # stands in for the text encoder; the real one is covered above
+        def encode(self, texts):
+            return new_features.numpy()
+
+    monkeypatch.setattr(rec, "text_encoder", lambda: FixedEncoder())
+    rec.add_items({"f": "a new thing"})
+    with torch.inference_mode():
+        expected = net.adapter.eval()(new_features)[0]
+    torch.testing.assert_close(rec.table[6], expected)  # no ID part: the text vector alone
+    assert net.num_items == 6 and net.item_embedding.weight.shape[0] == 7
+    assert rec.recommend([["f"]], k=6)[0]  # rankable and usable in histories at once
+
+
+def test_id_only_model_cannot_add_items():
+    net = UniSRec(num_items=3, hidden_dim=4, n_heads=2, inner_dim=8, max_seq_len=4, use_text=False,
+                  use_item_id=True, similarity="dot")
+    rec = Recommender(net, list("abc"), list("ABC"), None, None)
+    with pytest.raises(RequestError, match="no text side"):
+        rec.add_items({"d": "text"})

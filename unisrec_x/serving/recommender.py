@@ -1,0 +1,209 @@
+"""Recommender: a trained model as an answer to "what next for this history?".
+
+Holds the network in eval mode, the item tokens and texts, the frozen text vectors and the
+adapted item table (computed once; ``add_items`` appends rows instead of recomputing).
+Histories and results use the dataset's own item tokens (e.g. ASINs), never internal ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from unisrec_x.data.text import clean_text
+from unisrec_x.errors import DataError
+from unisrec_x.model.unisrec import UniSRec
+from unisrec_x.ranking import DEFAULT_CHUNK, chunked_topk
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer (empty history, unknown items, k out of range)."""
+
+    def __init__(self, message: str, items: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.items = items or []
+
+
+class Recommendation(NamedTuple):
+    item: str
+    score: float
+    text: str
+
+
+class TextSettings(NamedTuple):
+    """How item texts became vectors; new items must go through the same encoder."""
+
+    encoder: str
+    pooling: str = "cls"
+    max_tokens: int = 512
+    batch_size: int = 64
+
+
+class Recommender:
+    """Batch next-item recommendation over the whole catalog, with new items addable at run time."""
+
+    def __init__(self, net: UniSRec, item_tokens: Sequence[str], item_texts: Sequence[str],
+                 item_features: torch.Tensor | None, text: TextSettings | None,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        """
+        Args:
+            net: a trained ``UniSRec`` (any variant).
+            item_tokens: token of items 1..N, in id order.
+            item_texts: their texts.
+            item_features: (N + 1, plm_dim) text vectors with row 0 = padding; ``None`` for ID-only models.
+            text: the text encoder settings, needed by ``add_items``.
+            chunk_size: items scored at a time (bounds memory on large catalogs).
+        """
+        if len(item_tokens) != len(item_texts):
+            raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
+        if len(set(item_tokens)) != len(item_tokens):
+            raise ValueError("item tokens must be unique")
+        self.net = net.eval()
+        self.item_tokens, self.item_texts = list(item_tokens), list(item_texts)
+        self.token_to_id = {t: i + 1 for i, t in enumerate(self.item_tokens)}
+        self.text, self.chunk_size = text, chunk_size
+        self.lock = threading.Lock()  # add_items swaps the tables that recommend reads
+        self._text_encoder = None
+        with torch.inference_mode():
+            if net.use_text:
+                if item_features is None:
+                    raise ValueError("this model uses text: item_features are required")
+                net.set_item_features(item_features)
+            self.table = net.item_table(chunk_size)  # (N + 1, D)
+            self.candidates = net.candidate_vectors(self.table[1:])  # (N, D), what scores are taken against
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_tokens)
+
+    @property
+    def max_history(self) -> int:
+        """Longest history the encoder reads; longer ones keep their last items, as in training."""
+        return self.net.encoder.position.num_embeddings
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, data_root: str | None = None) -> "Recommender":
+        """Load a Lightning checkpoint (items and text vectors come from its dataset, via the data root
+        and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``."""
+        from unisrec_x.serving.model_dir import load_checkpoint, load_model_dir
+
+        path = Path(path)
+        return load_model_dir(cls, path) if path.is_dir() else load_checkpoint(cls, path, data_root)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a self-contained model directory (weights, items, text vectors), atomically."""
+        from unisrec_x.serving.model_dir import save_model_dir
+
+        return save_model_dir(self, Path(directory))
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the scored item matrix and a TorchScript sequence encoder, usable without this package."""
+        from unisrec_x.serving.export import export
+
+        return export(self, Path(directory))
+
+    def encode_histories(self, histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token histories -> (item_seq (B, L) right-padded, seq_len (B,)), last ``max_history`` items kept."""
+        if len(histories) == 0:
+            raise RequestError("no histories given")
+        unknown = sorted({t for h in histories for t in h if t not in self.token_to_id})
+        if unknown:
+            raise RequestError(f"{len(unknown)} unknown item(s): {', '.join(unknown[:20])}", unknown)
+        empty = [i for i, h in enumerate(histories) if len(h) == 0]
+        if empty:
+            raise RequestError(f"history {empty[0]} is empty: at least one item is needed")
+        kept = [list(h)[-self.max_history:] for h in histories]
+        seq_len = torch.tensor([len(h) for h in kept])
+        item_seq = torch.zeros(len(kept), int(seq_len.max()), dtype=torch.long)
+        for row, history in enumerate(kept):
+            item_seq[row, :len(history)] = torch.tensor([self.token_to_id[t] for t in history])
+        return item_seq, seq_len
+
+    def top_k(self, item_seq: torch.Tensor, seq_len: torch.Tensor, k: int,
+              exclude_seen: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Internal ids in, (scores (B, k), item ids (B, k)) out, best first; the batch path of the service.
+
+        ``exclude_seen`` is one flag for all rows or a (B,) mask. A row that runs out of items once
+        its history is excluded gets NaN scores in its last slots.
+        """
+        if not 1 <= k <= self.num_items:
+            raise RequestError(f"k must be between 1 and {self.num_items} (the catalog size), got {k}")
+        rows = torch.as_tensor(exclude_seen, dtype=torch.bool).expand(len(item_seq)).unsqueeze(1)
+        with self.lock, torch.inference_mode():
+            seq_repr = self.net.encode_sequences(item_seq, seq_len, self.table)
+            exclude = torch.where((item_seq > 0) & rows, item_seq - 1, -1) if bool(rows.any()) else None
+            scores, index = chunked_topk(self.net.query_vectors(seq_repr), self.candidates, k, self.chunk_size, exclude)
+        return scores.masked_fill(torch.isneginf(scores), float("nan")), index + 1
+
+    def recommend(self, histories: Sequence[Sequence[str]], k: int = 10,
+                  exclude_seen: bool = False) -> list[list[Recommendation]]:
+        """The ``k`` best next items for each history (item tokens, oldest first)."""
+        item_seq, seq_len = self.encode_histories(histories)
+        scores, ids = self.top_k(item_seq, seq_len, k, exclude_seen)
+        return [[Recommendation(self.item_tokens[i - 1], float(s), self.item_texts[i - 1])
+                 for s, i in zip(row_scores.tolist(), row_ids.tolist()) if s == s]
+                for row_scores, row_ids in zip(scores, ids)]
+
+    def add_items(self, items: Mapping[str, str]) -> list[str]:
+        """Make new items rankable at once from their text alone; returns the tokens added.
+
+        Texts go through the model's own text encoder and adapter. A transductive model has no
+        ID embedding for a new item, so its vector is the text part alone (its ID row is zero).
+        """
+        if not self.net.use_text:
+            raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
+        if not items:
+            raise RequestError("no items given")
+        clash = sorted(t for t in items if t in self.token_to_id)
+        if clash:
+            raise RequestError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
+        tokens = list(items)
+        texts = [clean_text(str(items[t])) for t in tokens]
+        blank = [t for t, text in zip(tokens, texts) if not text]
+        if blank:
+            raise RequestError(f"{len(blank)} item(s) have empty text: {', '.join(blank[:20])}", blank)
+        features = torch.from_numpy(self.text_encoder().encode(texts))
+        with self.lock:
+            self._append(tokens, texts, features)
+        log.info("added %d items; the catalog now has %d", len(tokens), self.num_items)
+        return tokens
+
+    def _append(self, tokens: list[str], texts: list[str], features: torch.Tensor) -> None:
+        net = self.net
+        with torch.inference_mode():
+            new_rows = net.adapter(features.to(torch.float32))  # text part; a new item has no trained ID
+            net.item_features = torch.cat([net.item_features, features.to(net.item_features)])
+        if net.item_embedding is not None:
+            weight = net.item_embedding.weight.detach()
+            grown = torch.nn.Embedding(len(weight) + len(tokens), weight.shape[1], padding_idx=0)
+            grown.weight.data = torch.cat([weight, torch.zeros(len(tokens), weight.shape[1])])
+            net.item_embedding, net.num_items = grown, len(weight) - 1 + len(tokens)
+        with torch.inference_mode():
+            self.table = torch.cat([self.table, new_rows])
+            self.candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
+        for token, text in zip(tokens, texts):
+            self.item_tokens.append(token)
+            self.item_texts.append(text)
+            self.token_to_id[token] = len(self.item_tokens)
+
+    def text_encoder(self):
+        """The model's text encoder, loaded on first use (seconds; recommend never needs it)."""
+        if self._text_encoder is None:
+            if self.text is None:
+                raise DataError("this model does not record its text encoder, so new texts cannot be encoded")
+            from unisrec_x.text.encoder import TextEncoder
+
+            self._text_encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens,
+                                             self.text.batch_size)
+        return self._text_encoder
+
+    def item_vectors(self) -> np.ndarray:
+        """The (N, D) float32 matrix scores are taken against (L2-normalised for cosine models)."""
+        return self.candidates.numpy().astype(np.float32, copy=True)

@@ -1,0 +1,165 @@
+"""HTTP service: POST /recommend, POST /items, GET /health (FastAPI on uvicorn).
+
+Concurrent requests are answered together: each request is validated on its own (so one
+bad request never fails another), then queued; a single worker takes whatever is waiting
+(up to ``max_batch``, waiting at most ``max_wait_ms`` for company) and answers it with one
+forward pass in a worker thread, so the event loop keeps accepting connections meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from unisrec_x.serving.recommender import Recommender, RequestError
+
+MAX_HISTORY = 1000  # request-size guard; the model itself reads the last max_seq_len items
+MAX_K = 1000
+
+
+class RecommendRequest(BaseModel):
+    history: list[str] = Field(description="item ids, oldest first")
+    k: int = Field(10, description="how many items to return")
+    exclude_seen: bool = Field(False, description="never return an item of the history")
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float
+    text: str
+
+
+class RecommendResponse(BaseModel):
+    items: list[ScoredItem]
+
+
+class AddItemsRequest(BaseModel):
+    items: dict[str, str] = Field(description="new item id -> its text")
+
+
+@dataclass
+class _Pending:
+    item_seq: torch.Tensor  # (1, L)
+    k: int
+    exclude_seen: bool
+    done: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Collects concurrent requests into one ``Recommender.top_k`` call."""
+
+    def __init__(self, recommender: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0) -> None:
+        self.recommender, self.max_batch, self.max_wait = recommender, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.batches = 0  # forward passes so far; requests / batches is the batching achieved
+
+    async def submit(self, item_seq: torch.Tensor, k: int, exclude_seen: bool) -> tuple[list[float], list[int]]:
+        pending = _Pending(item_seq, k, exclude_seen, asyncio.get_running_loop().create_future())
+        await self.queue.put(pending)
+        return await pending.done
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    except asyncio.TimeoutError:
+                        break
+            try:
+                results = await loop.run_in_executor(None, self._answer, batch)
+            except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
+                for pending in batch:
+                    if not pending.done.done():
+                        pending.done.set_exception(err)
+                continue
+            for pending, result in zip(batch, results):
+                if not pending.done.done():
+                    pending.done.set_result(result)
+
+    def _answer(self, batch: list[_Pending]) -> list[tuple[list[float], list[int]]]:
+        self.batches += 1
+        width = max(p.item_seq.shape[1] for p in batch)
+        item_seq = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, pending in enumerate(batch):
+            item_seq[row, :pending.item_seq.shape[1]] = pending.item_seq[0]
+        seq_len = (item_seq > 0).sum(dim=1)
+        exclude = torch.tensor([p.exclude_seen for p in batch])
+        k = max(p.k for p in batch)
+        scores, ids = self.recommender.top_k(item_seq, seq_len, k, exclude)
+        return [(s[:p.k].tolist(), i[:p.k].tolist()) for p, s, i in zip(batch, scores, ids)]
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, **extra})
+
+
+def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
+    """The ASGI app around one ``Recommender``; run it with uvicorn (``unisrec-x serve``)."""
+    batcher = MicroBatcher(recommender, max_batch, max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title="unisrec-x", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return _error(400, "malformed JSON body", details=[str(p.get("ctx", {}).get("error", "")) for p in problems])
+        where = "; ".join(f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems)
+        return _error(422, f"invalid request: {where}")
+
+    @app.exception_handler(RequestError)
+    async def unanswerable(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(422, str(exc), items=exc.items) if exc.items else _error(422, str(exc))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "items": recommender.num_items, "max_history": recommender.max_history,
+                "batches": batcher.batches}
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(body: RecommendRequest) -> RecommendResponse:
+        if not body.history:
+            raise RequestError("history is empty: at least one item is needed")
+        if len(body.history) > MAX_HISTORY:
+            raise RequestError(f"history has {len(body.history)} items; at most {MAX_HISTORY} are accepted "
+                               f"(the model reads the last {recommender.max_history})")
+        if not 1 <= body.k <= min(MAX_K, recommender.num_items):
+            raise RequestError(f"k must be between 1 and {min(MAX_K, recommender.num_items)}, got {body.k}")
+        item_seq, _ = recommender.encode_histories([body.history])
+        scores, ids = await batcher.submit(item_seq, body.k, body.exclude_seen)
+        return RecommendResponse(items=[
+            ScoredItem(item=recommender.item_tokens[i - 1], score=s, text=recommender.item_texts[i - 1])
+            for s, i in zip(scores, ids) if s == s])
+
+    @app.post("/items", status_code=201)
+    async def add_items(body: AddItemsRequest) -> dict:
+        if any(t in recommender.token_to_id for t in body.items):
+            clash = sorted(t for t in body.items if t in recommender.token_to_id)
+            return _error(409, f"{len(clash)} item(s) already in the catalog", items=clash)
+        added = await asyncio.get_running_loop().run_in_executor(None, recommender.add_items, body.items)
+        return {"added": added, "items": recommender.num_items}
+
+    return app
