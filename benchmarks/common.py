@@ -62,3 +62,10 @@ def write_results(name: str, figures: dict, command: str) -> Path:
     os.replace(tmp, path)
     print(f"figures written to {path.relative_to(ROOT)}")
     return path
+
+
+def data_root(override: str | None = None) -> Path:
+    """The data root as the library resolves it (flag, then $UNISREC_X_DATA_ROOT, then ../shared/data)."""
+    from unisrec_x.paths import data_root as resolve
+
+    return Path(resolve(override)).resolve()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -108,11 +108,23 @@ class SeqRecModule(pl.LightningModule):
         self.metrics.update_ranks(chunked_target_ranks(self.net.query_vectors(seq_repr), self._eval_candidates,
                                                        batch.target - 1, self.eval_chunk_size))
 
-    def _eval_end(self, prefix: str) -> None:
+    def _finish_pass(self) -> dict[str, float]:
         values = self.metrics.compute()
-        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
         self.metrics.reset()
         self._eval_table = self._eval_candidates = None
+        return values
+
+    def _eval_end(self, prefix: str) -> None:
+        values = self._finish_pass()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[SeqBatch]) -> dict[str, float]:
+        """Full-ranking metrics over ``batches`` outside a Trainer (benchmarks, notebooks)."""
+        self.eval()
+        for batch in batches:
+            self._eval_step(batch)
+        return self._finish_pass()
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._eval_step(batch)

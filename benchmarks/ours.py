@@ -1,0 +1,48 @@
+"""unisrec-x's side of the Scientific benchmarks: the same modules `unisrec-x fit` trains."""
+
+from __future__ import annotations
+
+import torch
+
+from unisrec_x.data.datamodule import SeqRecDataModule
+from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.model.unisrec import UniSRec
+
+#: The two arms compared with RecBole: ID-only SASRec (same model as the peer) and UniSRec transductive.
+VARIANTS = {
+    "sasrec": {"use_text": False, "use_item_id": True, "similarity": "dot"},
+    "unisrec_transductive": {"use_text": True, "use_item_id": True, "similarity": "cosine"},
+}
+
+
+def scientific(data_root: str | None, batch_size: int = 2048, length_bucketing: bool = True) -> SeqRecDataModule:
+    return SeqRecDataModule("scientific/Scientific", data_root=data_root, batch_size=batch_size,
+                            eval_batch_size=1024, length_bucketing=length_bucketing)
+
+
+def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args) -> SeqRecModule:
+    torch.manual_seed(seed)
+    net = UniSRec(num_items=data.num_items, plm_dim=data.feature_dim, **VARIANTS[variant])
+    module = SeqRecModule(net, **module_args)
+    if net.use_text:
+        net.set_item_features(data.item_features)
+    if module.loss == "sampled":
+        from unisrec_x.sampled_softmax import NegativeSampler
+
+        counts = torch.bincount(data.examples("train").targets, minlength=net.num_items + 1)
+        module.sampler = NegativeSampler(counts, module.num_negatives, module.negative_sampling)
+    return module
+
+
+def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, steps: int | None = None) -> int:
+    """Optimiser steps of ``training_step`` (the code Lightning runs); returns sequences seen."""
+    module.train()
+    seen = 0
+    for step, batch in enumerate(loader):
+        if steps is not None and step == steps:
+            break
+        optimizer.zero_grad()
+        module.training_step(batch, step).backward()
+        optimizer.step()
+        seen += len(batch.target)
+    return seen

@@ -1,0 +1,172 @@
+"""Scaling: epoch time, evaluation time and peak memory as the catalog and the user count grow.
+
+    python benchmarks/scaling.py                     # catalogs 4k/100k/1M, then users 10k/40k/100k
+    python benchmarks/scaling.py --catalogs 4385 100000 --users 10000 --user_sweep
+
+Synthetic data with real shape: item text vectors are random (384-d, like all-MiniLM-L6-v2),
+history lengths are drawn from Scientific's own distribution, items from a Zipf-like popularity.
+The model is UniSRec transductive (text + ID: the ID table is what grows fastest). Each run is a
+child process so its peak RSS is its own. Evaluation scores every item for every user in
+bounded chunks (users x 65,536 items at a time). The full softmax holds batch x catalog logits
+and adapts the whole catalog with gradients each step, so at 1M items only the sampled softmax
+runs (the estimate for the full one is printed instead). Writes results/scaling.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import common
+import numpy as np
+import torch
+
+MEAN_HISTORY_SOURCE = "scientific/Scientific"
+
+
+def scientific_lengths(data_root: str | None) -> np.ndarray:
+    from unisrec_x.data.domain import load_domain
+
+    domain = load_domain(common.data_root(data_root) / MEAN_HISTORY_SOURCE)
+    return np.array([len(s) for s in domain.sequences])
+
+
+def synthetic_sequences(n_items: int, n_users: int, lengths: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(lengths, size=n_users)
+    ranks = np.arange(1, n_items + 1)
+    popularity = 1.0 / (ranks + 10.0) ** 0.8
+    popularity /= popularity.sum()
+    flat = rng.choice(n_items, size=int(drawn.sum()), p=popularity) + 1
+    return np.split(flat.astype(np.int64), np.cumsum(drawn)[:-1])
+
+
+def run_one(n_items: int, n_users: int, loss: str, data_root: str | None, threads: int) -> dict:
+    """One configuration in this (child) process: one training epoch and one test pass."""
+    from torch.utils.data import DataLoader
+
+    from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
+    from unisrec_x.lit.module import SeqRecModule
+    from unisrec_x.model.unisrec import UniSRec
+    from unisrec_x.sampled_softmax import NegativeSampler
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    sequences = synthetic_sequences(n_items, n_users, scientific_lengths(data_root))
+    features = torch.randn(n_items + 1, 384)
+    features[0] = 0
+    train, test = SequenceExamples(sequences, "train", 50), SequenceExamples(sequences, "test", 50)
+    net = UniSRec(num_items=n_items, plm_dim=384, use_text=True, use_item_id=True)
+    net.set_item_features(features)
+    module = SeqRecModule(net, loss=loss, num_negatives=1024)
+    if loss == "sampled":
+        module.sampler = NegativeSampler(torch.bincount(train.targets, minlength=n_items + 1), 1024)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    train_loader = DataLoader(train, sampler=LengthBucketBatchSampler(train.hist_len, 2048, shuffle=True, seed=0),
+                              batch_size=None)
+    test_loader = DataLoader(test, sampler=LengthBucketBatchSampler(test.hist_len, 1024, shuffle=False), batch_size=None)
+    sys.path.insert(0, str(common.ROOT / "benchmarks"))
+    from ours import train_steps
+
+    start = time.perf_counter()
+    seen = train_steps(module, train_loader, optimizer)
+    epoch_s = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = module.evaluate(test_loader)
+    eval_s = time.perf_counter() - start
+    return {"items": n_items, "users": n_users, "loss": loss, "train_examples": seen, "steps": len(train_loader),
+            "epoch_s": round(epoch_s, 2), "eval_s": round(eval_s, 2), "eval_users": len(test),
+            "train_sequences_per_s": round(seen / epoch_s, 1), "eval_users_per_s": round(len(test) / eval_s, 1),
+            "peak_rss_mb": round(common.peak_rss_mb()), "test_ndcg@10": round(metrics["ndcg@10"], 5)}
+
+
+def child(args: argparse.Namespace, items: int, users: int, loss: str) -> dict:
+    command = [sys.executable, __file__, "--one", str(items), str(users), loss, "--threads", str(args.threads)]
+    if args.data_root:
+        command += ["--data_root", args.data_root]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"items": items, "users": users, "loss": loss, "failed": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def full_softmax_estimate_gb(items: int, batch: int = 2048, hidden: int = 300, experts: int = 8) -> float:
+    """Logits + their gradient, and the adapter's saved expert outputs, for one full-softmax step."""
+    return round((2 * batch * items + items * experts * hidden * 2) * 4 / 2**30, 1)
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for loss, marker in (("full", "o"), ("sampled", "s")):
+        catalog = sorted((r for r in rows if r["loss"] == loss and r.get("sweep") == "catalog" and "failed" not in r),
+                         key=lambda r: r["items"])
+        users = sorted((r for r in rows if r["loss"] == loss and r.get("sweep") == "users" and "failed" not in r),
+                       key=lambda r: r["users"])
+        for ax, key, label in zip(axes, ("epoch_s", "eval_s", "peak_rss_mb"),
+                                  ("epoch time (s)", "evaluation time (s)", "peak RSS (MB)")):
+            if catalog:
+                ax.plot([r["items"] for r in catalog], [r[key] for r in catalog], marker=marker, label=f"{loss}, vs items")
+            if users:
+                ax.plot([r["users"] for r in users], [r[key] for r in users], marker=marker, linestyle="--",
+                        label=f"{loss}, vs users")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("items (solid) or users (dashed)")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("unisrec-x scaling (UniSRec transductive, 2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_root", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--catalogs", type=int, nargs="+", default=[4385, 100_000, 1_000_000])
+    parser.add_argument("--users", type=int, default=10_000, help="users in the catalog sweep")
+    parser.add_argument("--user_counts", type=int, nargs="+", default=[10_000, 40_000, 100_000])
+    parser.add_argument("--user_catalog", type=int, default=4385, help="catalog size in the user sweep")
+    parser.add_argument("--full_softmax_max_items", type=int, default=100_000)
+    parser.add_argument("--one", nargs=3, metavar=("ITEMS", "USERS", "LOSS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(int(args.one[0]), int(args.one[1]), args.one[2], args.data_root, args.threads)))
+        return
+
+    rows = []
+    for items in args.catalogs:
+        for loss in ("full", "sampled"):
+            if loss == "full" and items > args.full_softmax_max_items:
+                row = {"items": items, "users": args.users, "loss": loss, "skipped": "full softmax needs about "
+                       f"{full_softmax_estimate_gb(items)} GB per step at batch 2048; use loss=sampled"}
+            else:
+                row = child(args, items, args.users, loss)
+            rows.append({**row, "sweep": "catalog"})
+            print(json.dumps(rows[-1]), flush=True)
+    for users in args.user_counts:
+        rows.append({**child(args, args.user_catalog, users, "full"), "sweep": "users"})
+        print(json.dumps(rows[-1]), flush=True)
+    common.RESULTS.mkdir(exist_ok=True)
+    plot(rows, common.RESULTS / "scaling.png")
+    common.write_results("scaling", {"threads": args.threads, "model": "UniSRec transductive, hidden 300, batch 2048",
+                                     "runs": rows}, "python benchmarks/scaling.py " + " ".join(sys.argv[1:]))
+    done = [r for r in rows if "epoch_s" in r and r.get("sweep") == "catalog" and r["loss"] == "sampled"]
+    if len(done) >= 2:
+        lo, hi = done[0], done[-1]
+        print(f"RATIOS sampled softmax, {hi['items']:,} vs {lo['items']:,} items ({hi['items'] / lo['items']:.0f}x catalog): "
+              f"epoch {hi['epoch_s'] / lo['epoch_s']:.1f}x, evaluation {hi['eval_s'] / lo['eval_s']:.1f}x, "
+              f"peak RSS {hi['peak_rss_mb'] / lo['peak_rss_mb']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
