@@ -42,3 +42,9 @@ def test_missing_dataset_exits_with_a_clear_message(slice_env, caplog):
         main(["fit", "-c", CONFIGS[0], "--data.dataset", "scientific/Nope", "--trainer.fast_dev_run", "1"])
     assert exit_info.value.code == 2
     assert "no interactions: neither Nope.train.inter nor Nope.inter exists" in caplog.text
+
+
+def test_sampled_softmax_trains_from_the_cli(slice_env):
+    config = next(c for c in CONFIGS if c.endswith("unisrec_transductive.yaml"))
+    main(["fit", "-c", config, *SLICE, "--model.init_args.loss", "sampled", "--model.init_args.num_negatives", "64",
+          "--model.init_args.negative_sampling", "popularity", "--trainer.fast_dev_run", "2", "--trainer.logger", "false"])

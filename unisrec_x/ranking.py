@@ -24,7 +24,15 @@ def chunked_target_ranks(query: torch.Tensor, candidates: torch.Tensor, target_i
         chunk_size: candidates scored at a time.
     """
     rows = torch.arange(len(query), device=query.device)
-    target_score = (query * candidates[target_index]).sum(dim=1)  # (B,)
+    # The target's score comes from the same matmul shape as the scores it is compared with, so an
+    # item with an identical vector ties exactly, as in the one-matrix path (an elementwise dot
+    # product rounds differently). Each row is scored against one chunk here: 1/chunks of a pass.
+    target_score = torch.empty(len(query), dtype=query.dtype, device=query.device)
+    for start in range(0, len(candidates), chunk_size):
+        inside = (target_index >= start) & (target_index < start + chunk_size)
+        if inside.any():
+            scores = query[inside] @ candidates[start:start + chunk_size].T
+            target_score[inside] = scores.gather(1, (target_index[inside] - start).unsqueeze(1)).squeeze(1)
     ranks = torch.zeros(len(query), dtype=torch.long, device=query.device)
     for start in range(0, len(candidates), chunk_size):
         scores = query @ candidates[start:start + chunk_size].T  # (B, chunk)
