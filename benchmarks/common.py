@@ -69,3 +69,24 @@ def data_root(override: str | None = None) -> Path:
     from unisrec_x.paths import data_root as resolve
 
     return Path(resolve(override)).resolve()
+
+
+def parser(doc: str, repeats: int | None = None):
+    """The flags every Scientific benchmark shares; ``doc`` is the script's docstring."""
+    import argparse
+
+    out = argparse.ArgumentParser(description=doc.splitlines()[0])
+    out.add_argument("--data_root", default=None, help="data root (default: $UNISREC_X_DATA_ROOT or ../shared/data)")
+    out.add_argument("--threads", type=int, default=2, help="torch threads, the same for every side")
+    if repeats is not None:
+        out.add_argument("--repeats", type=int, default=repeats, help="timed repeats; the median is reported")
+    return out
+
+
+def quiet() -> None:
+    """Benchmarks print figures, not library warnings."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)

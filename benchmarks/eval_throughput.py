@@ -11,10 +11,7 @@ report the same Recall/NDCG/MRR/Hit@10/50 (to 1e-4; rounding differs in the last
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import warnings
 
 import common
 import torch
@@ -24,15 +21,11 @@ from recbole_peer import RecBoleSASRec, copy_sasrec_weights
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_root", default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = common.parser(__doc__, repeats=3)
     parser.add_argument("--train_steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    common.quiet()
 
     data = scientific(args.data_root)
     users = len(data.examples("valid"))

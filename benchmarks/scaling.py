@@ -106,10 +106,9 @@ def plot(rows: list[dict], path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for loss, marker in (("full", "o"), ("sampled", "s")):
-        catalog = sorted((r for r in rows if r["loss"] == loss and r.get("sweep") == "catalog" and "failed" not in r),
-                         key=lambda r: r["items"])
-        users = sorted((r for r in rows if r["loss"] == loss and r.get("sweep") == "users" and "failed" not in r),
-                       key=lambda r: r["users"])
+        ran = [r for r in rows if r["loss"] == loss and "epoch_s" in r]  # not the skipped or failed ones
+        catalog = sorted((r for r in ran if r["sweep"] == "catalog"), key=lambda r: r["items"])
+        users = sorted((r for r in ran if r["sweep"] == "users"), key=lambda r: r["users"])
         for ax, key, label in zip(axes, ("epoch_s", "eval_s", "peak_rss_mb"),
                                   ("epoch time (s)", "evaluation time (s)", "peak RSS (MB)")):
             if catalog:
@@ -129,9 +128,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_root", default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = common.parser(__doc__)
     parser.add_argument("--catalogs", type=int, nargs="+", default=[4385, 100_000, 1_000_000])
     parser.add_argument("--users", type=int, default=10_000, help="users in the catalog sweep")
     parser.add_argument("--user_counts", type=int, nargs="+", default=[10_000, 40_000, 100_000])
@@ -156,10 +153,9 @@ def main() -> None:
     for users in args.user_counts:
         rows.append({**child(args, args.user_catalog, users, "full"), "sweep": "users"})
         print(json.dumps(rows[-1]), flush=True)
-    common.RESULTS.mkdir(exist_ok=True)
-    plot(rows, common.RESULTS / "scaling.png")
     common.write_results("scaling", {"threads": args.threads, "model": "UniSRec transductive, hidden 300, batch 2048",
                                      "runs": rows}, "python benchmarks/scaling.py " + " ".join(sys.argv[1:]))
+    plot(rows, common.RESULTS / "scaling.png")
     done = [r for r in rows if "epoch_s" in r and r.get("sweep") == "catalog" and r["loss"] == "sampled"]
     if len(done) >= 2:
         lo, hi = done[0], done[-1]

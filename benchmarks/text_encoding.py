@@ -13,7 +13,6 @@ Items per second; ratio = ours / peer. Vectors must agree with the plain loop (m
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -51,9 +50,7 @@ def timed(run) -> tuple[float, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_root", default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = common.parser(__doc__)
     parser.add_argument("--max_length_sample", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

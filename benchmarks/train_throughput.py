@@ -11,11 +11,8 @@ Sequences per second, median of the repeats; ratio = ours / RecBole.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
-import warnings
 
 import common
 import torch
@@ -34,15 +31,11 @@ def time_throughput(run, repeats: int) -> tuple[float, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_root", default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = common.parser(__doc__, repeats=3)
     parser.add_argument("--recbole_steps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    common.quiet()
     figures: dict = {"threads": args.threads, "repeats": args.repeats, "batch_size": 2048, "arms": {}}
 
     data = scientific(args.data_root)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unisrec_x.model.seq_encoder import SequenceEncoder
+from unisrec_x.paths import atomic_directory
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
@@ -50,20 +49,14 @@ def export(recommender: "Recommender", directory: Path) -> Path:
     module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(),
                           net.similarity == "cosine", float(net.temperature)).eval()
     scripted = torch.jit.script(module)
-    directory = directory.resolve()
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "item_vectors.npy", recommender.item_vectors())
-    (tmp / "item_ids.txt").write_text("".join(f"{t}\n" for t in recommender.item_tokens))
-    scripted.save(str(tmp / "query_encoder.pt"))
-    (tmp / "manifest.json").write_text(json.dumps({
-        "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
-        "max_history": recommender.max_history, "similarity": net.similarity,
-        "scoring": "scores = query_encoder(item_seq, seq_len) @ item_vectors.T; "
-                   "item_seq holds 1-based rows of item_ids.txt, right-padded with 0",
-    }, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    return directory
+    with atomic_directory(directory) as tmp:
+        np.save(tmp / "item_vectors.npy", recommender.item_vectors())
+        (tmp / "item_ids.txt").write_text("".join(f"{t}\n" for t in recommender.item_tokens))
+        scripted.save(str(tmp / "query_encoder.pt"))
+        (tmp / "manifest.json").write_text(json.dumps({
+            "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
+            "max_history": recommender.max_history, "similarity": net.similarity,
+            "scoring": "scores = query_encoder(item_seq, seq_len) @ item_vectors.T; "
+                       "item_seq holds 1-based rows of item_ids.txt, right-padded with 0",
+        }, indent=2))
+    return directory.resolve()

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,7 @@ from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import read_state_dict
 from unisrec_x.model.unisrec import UniSRec
+from unisrec_x.paths import atomic_directory
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
@@ -121,21 +120,13 @@ def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
         "text": recommender.text._asdict() if recommender.text else None,
         "items": recommender.num_items,
     }
-    directory = directory.resolve()
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    (tmp / "weights.pt").write_bytes(buffer.getvalue())
-    write_atomic(tmp / "items.item", ITEM_FIELDS, zip(recommender.item_tokens, recommender.item_texts))
-    if net.use_text:
-        np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    with atomic_directory(directory) as tmp:
+        (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        (tmp / "weights.pt").write_bytes(buffer.getvalue())
+        write_atomic(tmp / "items.item", ITEM_FIELDS, zip(recommender.item_tokens, recommender.item_texts))
+        if net.use_text:
+            np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
+    return directory.resolve()
 
