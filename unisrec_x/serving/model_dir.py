@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,11 +67,10 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
 
 
 def _merged_items(data) -> tuple[list[str], list[str]]:
-    """Item tokens in global id order; with several domains, a token seen in two gets ``Domain:token``."""
+    """Item tokens in global id order; with several domains, a token found in two gets ``Domain:token``."""
     domains = data.data.domains
-    seen: set[str] = set()
-    clashes = {t for d in domains for t in d.item_tokens if t in seen or seen.add(t)}
-    tokens = [f"{d.name}:{t}" if t in clashes else t for d in domains for t in d.item_tokens]
+    counts = Counter(t for d in domains for t in d.item_tokens)
+    tokens = [f"{d.name}:{t}" if counts[t] > 1 else t for d in domains for t in d.item_tokens]
     return tokens, [text for d in domains for text in d.item_texts]
 
 
