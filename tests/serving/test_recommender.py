@@ -147,3 +147,15 @@ def test_id_only_model_cannot_add_items():
     rec = Recommender(net, list("abc"), list("ABC"), None, None)
     with pytest.raises(RequestError, match="no text side"):
         rec.add_items({"d": "text"})
+
+
+def test_broken_model_directories_are_named(recommender, tmp_path):
+    from unisrec_x.errors import DataError
+
+    model = recommender.save(tmp_path / "model")
+    np.save(model / "item_features.npy", np.zeros((3, 384), np.float32))
+    with pytest.raises(DataError, match=r"item_features.npy.*has shape \(3, 384\), expected"):
+        Recommender.from_checkpoint(model)
+    (model / "model.json").unlink()
+    with pytest.raises(DataError, match="model.json is missing"):
+        Recommender.from_checkpoint(model)
