@@ -54,6 +54,11 @@ def test_exclude_seen_never_returns_history_items(recommender):
     assert {r.item for r in seen} & set(history)  # near twins score high, so the flag matters here
     unseen = recommender.recommend([history], k=20, exclude_seen=True)[0]
     assert len(unseen) == 20 and not {r.item for r in unseen} & set(history)
+    # older than the model's window still counts as seen: the twins first, then 60 other items
+    long = SAME_FILAMENT + [t for t in recommender.item_tokens if t not in SAME_FILAMENT][:60]
+    assert len(long) > recommender.max_history
+    unseen = recommender.recommend([long], k=50, exclude_seen=True)[0]
+    assert len(unseen) == 50 and not {r.item for r in unseen} & set(long)
 
 
 def test_long_history_keeps_its_last_items(recommender):

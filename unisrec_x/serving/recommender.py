@@ -109,8 +109,8 @@ class Recommender:
 
         return export(self, Path(directory))
 
-    def encode_histories(self, histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token histories -> (item_seq (B, L) right-padded, seq_len (B,)), last ``max_history`` items kept."""
+    def history_ids(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Item tokens -> internal ids, every history checked: none unknown, none empty."""
         if len(histories) == 0:
             raise RequestError("no histories given")
         unknown = sorted({t for h in histories for t in h if t not in self.token_to_id})
@@ -119,37 +119,49 @@ class Recommender:
         empty = [i for i, h in enumerate(histories) if len(h) == 0]
         if empty:
             raise RequestError(f"history {empty[0]} is empty: at least one item is needed")
-        kept = [list(h)[-self.max_history:] for h in histories]
-        seq_len = torch.tensor([len(h) for h in kept])
-        item_seq = torch.zeros(len(kept), int(seq_len.max()), dtype=torch.long)
-        for row, history in enumerate(kept):
-            item_seq[row, :len(history)] = torch.tensor([self.token_to_id[t] for t in history])
-        return item_seq, seq_len
+        return [[self.token_to_id[t] for t in h] for h in histories]
+
+    def encode_histories(self, histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token histories -> (item_seq (B, L) right-padded, seq_len (B,)), last ``max_history`` items kept."""
+        return self.pad([ids[-self.max_history:] for ids in self.history_ids(histories)])
+
+    @staticmethod
+    def pad(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Id lists -> (right-padded (B, L) with 0, lengths (B,))."""
+        lengths = torch.tensor([len(r) for r in rows])
+        out = torch.zeros(len(rows), int(lengths.max()) if len(rows) else 0, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        return out, lengths
 
     def top_k(self, item_seq: torch.Tensor, seq_len: torch.Tensor, k: int,
-              exclude_seen: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
+              exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Internal ids in, (scores (B, k), item ids (B, k)) out, best first; the batch path of the service.
 
-        ``exclude_seen`` is one flag for all rows or a (B,) mask. A row that runs out of items once
-        its history is excluded gets NaN scores in its last slots.
+        ``exclude`` (B, M) holds ids never to return per row (0 = none), e.g. the whole history.
+        A row that runs out of items once they are excluded gets NaN scores in its last slots.
         """
         if not 1 <= k <= self.num_items:
             raise RequestError(f"k must be between 1 and {self.num_items} (the catalog size), got {k}")
-        rows = torch.as_tensor(exclude_seen, dtype=torch.bool).expand(len(item_seq)).unsqueeze(1)
         with self.lock, torch.inference_mode():
             seq_repr = self.net.encode_sequences(item_seq, seq_len, self.table)
-            exclude = torch.where((item_seq > 0) & rows, item_seq - 1, -1) if bool(rows.any()) else None
-            scores, index = chunked_topk(self.net.query_vectors(seq_repr), self.candidates, k, self.chunk_size, exclude)
+            banned = None if exclude is None or not bool((exclude > 0).any()) else exclude - 1  # -1 = none
+            scores, index = chunked_topk(self.net.query_vectors(seq_repr), self.candidates, k, self.chunk_size, banned)
         return scores.masked_fill(torch.isneginf(scores), float("nan")), index + 1
 
     def recommend(self, histories: Sequence[Sequence[str]], k: int = 10,
                   exclude_seen: bool = False) -> list[list[Recommendation]]:
-        """The ``k`` best next items for each history (item tokens, oldest first)."""
-        item_seq, seq_len = self.encode_histories(histories)
-        scores, ids = self.top_k(item_seq, seq_len, k, exclude_seen)
+        """The ``k`` best next items for each history (item tokens, oldest first).
+
+        The model reads the last ``max_history`` items; ``exclude_seen`` removes every item of the
+        history, however old.
+        """
+        ids = self.history_ids(histories)
+        item_seq, seq_len = self.pad([h[-self.max_history:] for h in ids])
+        scores, top = self.top_k(item_seq, seq_len, k, self.pad(ids)[0] if exclude_seen else None)
         return [[Recommendation(self.item_tokens[i - 1], float(s), self.item_texts[i - 1])
                  for s, i in zip(row_scores.tolist(), row_ids.tolist()) if s == s]
-                for row_scores, row_ids in zip(scores, ids)]
+                for row_scores, row_ids in zip(scores, top)]
 
     def add_items(self, items: Mapping[str, str]) -> list[str]:
         """Make new items rankable at once from their text alone; returns the tokens added.

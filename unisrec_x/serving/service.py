@@ -12,7 +12,6 @@ import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,7 +45,7 @@ class AddItemsRequest(BaseModel):
 
 @dataclass
 class _Pending:
-    item_seq: torch.Tensor  # (1, L)
+    history: list[int]  # internal ids, the whole history
     k: int
     exclude_seen: bool
     done: asyncio.Future = field(repr=False)
@@ -60,8 +59,8 @@ class MicroBatcher:
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.batches = 0  # forward passes so far; requests / batches is the batching achieved
 
-    async def submit(self, item_seq: torch.Tensor, k: int, exclude_seen: bool) -> tuple[list[float], list[int]]:
-        pending = _Pending(item_seq, k, exclude_seen, asyncio.get_running_loop().create_future())
+    async def submit(self, history: list[int], k: int, exclude_seen: bool) -> tuple[list[float], list[int]]:
+        pending = _Pending(history, k, exclude_seen, asyncio.get_running_loop().create_future())
         await self.queue.put(pending)
         return await pending.done
 
@@ -94,14 +93,10 @@ class MicroBatcher:
 
     def _answer(self, batch: list[_Pending]) -> list[tuple[list[float], list[int]]]:
         self.batches += 1
-        width = max(p.item_seq.shape[1] for p in batch)
-        item_seq = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, pending in enumerate(batch):
-            item_seq[row, :pending.item_seq.shape[1]] = pending.item_seq[0]
-        seq_len = (item_seq > 0).sum(dim=1)
-        exclude = torch.tensor([p.exclude_seen for p in batch])
-        k = max(p.k for p in batch)
-        scores, ids = self.recommender.top_k(item_seq, seq_len, k, exclude)
+        rec = self.recommender
+        item_seq, seq_len = rec.pad([p.history[-rec.max_history:] for p in batch])
+        exclude = rec.pad([p.history if p.exclude_seen else [] for p in batch])[0]
+        scores, ids = rec.top_k(item_seq, seq_len, max(p.k for p in batch), exclude)
         return [(s[:p.k].tolist(), i[:p.k].tolist()) for p, s, i in zip(batch, scores, ids)]
 
 
@@ -148,8 +143,8 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
                                f"(the model reads the last {recommender.max_history})")
         if not 1 <= body.k <= min(MAX_K, recommender.num_items):
             raise RequestError(f"k must be between 1 and {min(MAX_K, recommender.num_items)}, got {body.k}")
-        item_seq, _ = recommender.encode_histories([body.history])
-        scores, ids = await batcher.submit(item_seq, body.k, body.exclude_seen)
+        history = recommender.history_ids([body.history])[0]
+        scores, ids = await batcher.submit(history, body.k, body.exclude_seen)
         return RecommendResponse(items=[
             ScoredItem(item=recommender.item_tokens[i - 1], score=s, text=recommender.item_texts[i - 1])
             for s, i in zip(scores, ids) if s == s])
