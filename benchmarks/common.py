@@ -90,3 +90,11 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
+
+
+def start(parser):
+    """Parse the flags, set the thread count for every side, silence library warnings."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet()
+    return args

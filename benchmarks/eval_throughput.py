@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 
 import common
-import torch
 
 from ours import build, scientific
 from recbole_peer import RecBoleSASRec, copy_sasrec_weights
@@ -23,9 +22,7 @@ from recbole_peer import RecBoleSASRec, copy_sasrec_weights
 def main() -> None:
     parser = common.parser(__doc__, repeats=3)
     parser.add_argument("--train_steps", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    common.quiet()
+    args = common.start(parser)
 
     data = scientific(args.data_root)
     users = len(data.examples("valid"))

@@ -52,8 +52,7 @@ def timed(run) -> tuple[float, object]:
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--max_length_sample", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = common.start(parser)
     texts = load_domain(common.data_root(args.data_root) / "scientific" / "Scientific").item_texts
     encoder = TextEncoder(PACKAGED_ENCODER, "cls", 512, 64)
     encode_ours(encoder, texts[:128])  # warm-up

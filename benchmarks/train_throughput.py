@@ -33,9 +33,7 @@ def time_throughput(run, repeats: int) -> tuple[float, list[float]]:
 def main() -> None:
     parser = common.parser(__doc__, repeats=3)
     parser.add_argument("--recbole_steps", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    common.quiet()
+    args = common.start(parser)
     figures: dict = {"threads": args.threads, "repeats": args.repeats, "batch_size": 2048, "arms": {}}
 
     data = scientific(args.data_root)
