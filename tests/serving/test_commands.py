@@ -25,8 +25,9 @@ def ckpt_args(held_out_checkpoint, real_root, shared_cache, monkeypatch) -> list
 def test_recommend_prints_a_ranked_table(ckpt_args, capsys):
     assert run(["recommend", *ckpt_args, "--history", " ".join(SAME_FILAMENT), "-k", "4", "--exclude_seen"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["rank", "item", "score", "text"]
+    assert lines[0].split() == ["rank", "item", "alias", "score", "text"]  # Scientific's ids have ASIN aliases
     assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3", "4"]
+    assert all(line.split()[2].startswith("B") for line in lines[1:])
     assert not {line.split()[1] for line in lines[1:]} & set(SAME_FILAMENT)
 
 

@@ -61,6 +61,21 @@ def test_exclude_seen_never_returns_history_items(recommender):
     assert len(unseen) == 50 and not {r.item for r in unseen} & set(long)
 
 
+def test_asins_work_as_aliases_of_the_release_indices(recommender, real_root, tmp_path):
+    from unisrec_x.data.text import read_item2index
+
+    index = read_item2index(real_root / "scientific" / "Scientific.item2index")  # ASIN -> index
+    asin_of = {i: a for a, i in index.items()}
+    by_index = recommender.recommend([SAME_FILAMENT], k=5)[0]
+    by_asin = recommender.recommend([[asin_of[t] for t in SAME_FILAMENT]], k=5)[0]
+    assert by_asin == by_index
+    assert [r.alias for r in by_index] == [asin_of[r.item] for r in by_index]
+    again = Recommender.from_checkpoint(recommender.save(tmp_path / "model"))
+    assert again.recommend([[asin_of[t] for t in SAME_FILAMENT]], k=5)[0] == by_index
+    with pytest.raises(RequestError, match="already in the catalog"):
+        recommender.add_items({asin_of["2"]: "a clash through the alias"})
+
+
 def test_long_history_keeps_its_last_items(recommender):
     tokens = recommender.item_tokens[:120]
     long = recommender.recommend([tokens], k=5)[0]

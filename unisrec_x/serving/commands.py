@@ -47,10 +47,11 @@ def recommend(words: list[str]) -> int:
     def body(words: list[str]) -> None:
         args = parser.parse_args(words)
         rows = _load(args).recommend([args.history.split()], args.k, args.exclude_seen)[0]
-        print(f"{'rank':>4}  {'item':<14} {'score':>8}  text")
+        alias = any(rec.alias for rec in rows)
+        print(f"{'rank':>4}  {'item':<14} " + (f"{'alias':<12} " if alias else "") + f"{'score':>8}  text")
         for rank, rec in enumerate(rows, 1):
             text = rec.text if len(rec.text) <= 90 else rec.text[:87] + "..."
-            print(f"{rank:>4}  {rec.item:<14} {rec.score:>8.4f}  {text}")
+            print(f"{rank:>4}  {rec.item:<14} " + (f"{rec.alias:<12} " if alias else "") + f"{rec.score:>8.4f}  {text}")
 
     return _run(body, words)
 

@@ -7,7 +7,8 @@ after training:
 
     model.json          format, network arguments, text-encoder settings
     weights.pt          the network's state dict (loaded with weights_only=True)
-    items.item          RecBole atomic file: item_id:token, text:token_seq (id order)
+    items.item          RecBole atomic file: item_id:token, text:token_seq, alias:token (id order;
+                        alias is another name of the item, e.g. its ASIN, or empty)
     item_features.npy   (N + 1, plm_dim) float32 text vectors, row 0 = padding
 """
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 FORMAT = "unisrec-x-model"
 VERSION = 1
-ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq")]
+ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq"), ("alias", "token")]
 
 
 def _hparams(checkpoint: dict, key: str, path: Path) -> dict:
@@ -63,7 +64,18 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     features = data.item_features if net.use_text else None
     text = TextSettings(data_args.get("text_encoder") or data.cache.encoder, data.cache.pooling,
                         data.cache.max_length, data.cache.batch_size)
-    return cls(net, tokens, texts, features, text)
+    return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args))
+
+
+def _release_aliases(data, data_args: dict) -> dict[str, str]:
+    """ASIN -> integer index for a single UniSRec release (``<prefix>.item2index``); else none."""
+    from unisrec_x.data.datamodule import resolve_dataset
+    from unisrec_x.data.text import read_item2index
+
+    if len(data.data.domains) != 1 or not isinstance(data_args.get("dataset"), str):
+        return {}
+    index_file = Path(f"{resolve_dataset(data_args['dataset'], data_args.get('data_root'))}.item2index")
+    return read_item2index(index_file) if index_file.is_file() else {}
 
 
 def _merged_items(data) -> tuple[list[str], list[str]]:
@@ -98,6 +110,7 @@ def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
     _load_weights(net, read_state_dict(directory / "weights.pt"), directory / "weights.pt")
     table = read_atomic(directory / "items.item", required=["item_id", "text"])
     tokens, texts = table.column("item_id"), table.column("text")
+    aliases = {a: t for a, t in zip(table.column("alias"), tokens) if a} if "alias" in table.fields else {}
     features = None
     if net.use_text:
         features_path = directory / "item_features.npy"
@@ -108,7 +121,7 @@ def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
             raise DataError(f"item_features.npy has shape {tuple(features.shape)}, expected "
                             f"({len(tokens) + 1}, {net.plm_dim}) for {len(tokens)} items", features_path)
     text = TextSettings(**manifest["text"]) if manifest.get("text") else None
-    return cls(net, tokens, texts, features, text)
+    return cls(net, tokens, texts, features, text, aliases=aliases)
 
 
 def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
@@ -125,7 +138,8 @@ def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
         (tmp / "weights.pt").write_bytes(buffer.getvalue())
-        write_atomic(tmp / "items.item", ITEM_FIELDS, zip(recommender.item_tokens, recommender.item_texts))
+        write_atomic(tmp / "items.item", ITEM_FIELDS, [(t, text, recommender.alias_of.get(t, "")) for t, text in
+                                                        zip(recommender.item_tokens, recommender.item_texts)])
         if net.use_text:
             np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
     return directory.resolve()

@@ -32,9 +32,10 @@ class RequestError(ValueError):
 
 
 class Recommendation(NamedTuple):
-    item: str
+    item: str  # the id in the dataset's interaction files
     score: float
     text: str
+    alias: str = ""  # another name of the item (e.g. the ASIN behind a release's integer index), if known
 
 
 class TextSettings(NamedTuple):
@@ -51,7 +52,7 @@ class Recommender:
 
     def __init__(self, net: UniSRec, item_tokens: Sequence[str], item_texts: Sequence[str],
                  item_features: torch.Tensor | None, text: TextSettings | None,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
+                 chunk_size: int = DEFAULT_CHUNK, aliases: Mapping[str, str] | None = None) -> None:
         """
         Args:
             net: a trained ``UniSRec`` (any variant).
@@ -60,6 +61,8 @@ class Recommender:
             item_features: (N + 1, plm_dim) text vectors with row 0 = padding; ``None`` for ID-only models.
             text: the text encoder settings, needed by ``add_items``.
             chunk_size: items scored at a time (bounds memory on large catalogs).
+            aliases: other names -> item token, accepted in histories and shown in results (the
+                UniSRec releases index items by integers; their ``.item2index`` gives the ASINs).
         """
         if len(item_tokens) != len(item_texts):
             raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
@@ -68,6 +71,8 @@ class Recommender:
         self.net = net.eval()
         self.item_tokens, self.item_texts = list(item_tokens), list(item_texts)
         self.token_to_id = {t: i + 1 for i, t in enumerate(self.item_tokens)}
+        self.aliases = {a: t for a, t in (aliases or {}).items() if t in self.token_to_id and a not in self.token_to_id}
+        self.alias_of = {t: a for a, t in self.aliases.items()}
         self.text, self.chunk_size = text, chunk_size
         self.lock = threading.Lock()  # add_items swaps the tables that recommend reads
         self._text_encoder = None
@@ -113,13 +118,14 @@ class Recommender:
         """Item tokens -> internal ids, every history checked: none unknown, none empty."""
         if len(histories) == 0:
             raise RequestError("no histories given")
-        unknown = sorted({t for h in histories for t in h if t not in self.token_to_id})
+        known = self.token_to_id
+        unknown = sorted({t for h in histories for t in h if t not in known and t not in self.aliases})
         if unknown:
             raise RequestError(f"{len(unknown)} unknown item(s): {', '.join(unknown[:20])}", unknown)
         empty = [i for i, h in enumerate(histories) if len(h) == 0]
         if empty:
             raise RequestError(f"history {empty[0]} is empty: at least one item is needed")
-        return [[self.token_to_id[t] for t in h] for h in histories]
+        return [[known[t] if t in known else known[self.aliases[t]] for t in h] for h in histories]
 
     def encode_histories(self, histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token histories -> (item_seq (B, L) right-padded, seq_len (B,)), last ``max_history`` items kept."""
@@ -159,9 +165,12 @@ class Recommender:
         ids = self.history_ids(histories)
         item_seq, seq_len = self.pad([h[-self.max_history:] for h in ids])
         scores, top = self.top_k(item_seq, seq_len, k, self.pad(ids)[0] if exclude_seen else None)
-        return [[Recommendation(self.item_tokens[i - 1], float(s), self.item_texts[i - 1])
-                 for s, i in zip(row_scores.tolist(), row_ids.tolist()) if s == s]
+        return [[self.describe(i, s) for s, i in zip(row_scores.tolist(), row_ids.tolist()) if s == s]
                 for row_scores, row_ids in zip(scores, top)]
+
+    def describe(self, item_id: int, score: float) -> Recommendation:
+        token = self.item_tokens[item_id - 1]
+        return Recommendation(token, float(score), self.item_texts[item_id - 1], self.alias_of.get(token, ""))
 
     def add_items(self, items: Mapping[str, str]) -> list[str]:
         """Make new items rankable at once from their text alone; returns the tokens added.
@@ -173,7 +182,7 @@ class Recommender:
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
         if not items:
             raise RequestError("no items given")
-        clash = sorted(t for t in items if t in self.token_to_id)
+        clash = sorted(t for t in items if t in self.token_to_id or t in self.aliases)
         if clash:
             raise RequestError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
         tokens = list(items)

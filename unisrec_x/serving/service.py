@@ -33,6 +33,7 @@ class ScoredItem(BaseModel):
     item: str
     score: float
     text: str
+    alias: str = ""
 
 
 class RecommendResponse(BaseModel):
@@ -145,14 +146,13 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
             raise RequestError(f"k must be between 1 and {min(MAX_K, recommender.num_items)}, got {body.k}")
         history = recommender.history_ids([body.history])[0]
         scores, ids = await batcher.submit(history, body.k, body.exclude_seen)
-        return RecommendResponse(items=[
-            ScoredItem(item=recommender.item_tokens[i - 1], score=s, text=recommender.item_texts[i - 1])
-            for s, i in zip(scores, ids) if s == s])
+        return RecommendResponse(items=[ScoredItem(**recommender.describe(i, s)._asdict())
+                                        for s, i in zip(scores, ids) if s == s])
 
     @app.post("/items", status_code=201)
     async def add_items(body: AddItemsRequest) -> dict:
-        if any(t in recommender.token_to_id for t in body.items):
-            clash = sorted(t for t in body.items if t in recommender.token_to_id)
+        clash = sorted(t for t in body.items if t in recommender.token_to_id or t in recommender.aliases)
+        if clash:
             return _error(409, f"{len(clash)} item(s) already in the catalog", items=clash)
         added = await asyncio.get_running_loop().run_in_executor(None, recommender.add_items, body.items)
         return {"added": added, "items": recommender.num_items}
