@@ -26,11 +26,7 @@ def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args)
     module = SeqRecModule(net, **module_args)
     if net.use_text:
         net.set_item_features(data.item_features)
-    if module.loss == "sampled":
-        from unisrec_x.sampled_softmax import NegativeSampler
-
-        counts = torch.bincount(data.examples("train").targets, minlength=net.num_items + 1)
-        module.sampler = NegativeSampler(counts, module.num_negatives, module.negative_sampling)
+    module.set_training_targets(data.examples("train").targets)
     return module
 
 

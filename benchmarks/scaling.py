@@ -24,6 +24,8 @@ import common
 import numpy as np
 import torch
 
+from ours import train_steps
+
 MEAN_HISTORY_SOURCE = "scientific/Scientific"
 
 
@@ -51,7 +53,6 @@ def run_one(n_items: int, n_users: int, loss: str, data_root: str | None, thread
     from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
     from unisrec_x.lit.module import SeqRecModule
     from unisrec_x.model.unisrec import UniSRec
-    from unisrec_x.sampled_softmax import NegativeSampler
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -62,15 +63,11 @@ def run_one(n_items: int, n_users: int, loss: str, data_root: str | None, thread
     net = UniSRec(num_items=n_items, plm_dim=384, use_text=True, use_item_id=True)
     net.set_item_features(features)
     module = SeqRecModule(net, loss=loss, num_negatives=1024)
-    if loss == "sampled":
-        module.sampler = NegativeSampler(torch.bincount(train.targets, minlength=n_items + 1), 1024)
+    module.set_training_targets(train.targets)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     train_loader = DataLoader(train, sampler=LengthBucketBatchSampler(train.hist_len, 2048, shuffle=True, seed=0),
                               batch_size=None)
     test_loader = DataLoader(test, sampler=LengthBucketBatchSampler(test.hist_len, 1024, shuffle=False), batch_size=None)
-    sys.path.insert(0, str(common.ROOT / "benchmarks"))
-    from ours import train_steps
-
     start = time.perf_counter()
     seen = train_steps(module, train_loader, optimizer)
     epoch_s = time.perf_counter() - start

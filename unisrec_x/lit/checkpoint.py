@@ -20,6 +20,11 @@ NON_TRANSFERABLE = ("item_embedding.",)
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The ``net.*`` weights of a Lightning checkpoint (or a bare state dict), loaded without unpickling code."""
+    return net_state(read_checkpoint(path), path)
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """The whole checkpoint object, loaded with ``weights_only``; any failure is a ``DataError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError("checkpoint not found", path)
@@ -29,6 +34,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({str(err).splitlines()[0]})", path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise DataError(f"checkpoint is truncated or corrupted ({str(err).splitlines()[0]})", path) from None
+    return checkpoint
+
+
+def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The network's weights inside a loaded checkpoint, without the Lightning ``net.`` prefix."""
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise DataError("not a checkpoint: no state_dict inside", path)

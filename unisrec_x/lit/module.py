@@ -63,8 +63,13 @@ class SeqRecModule(pl.LightningModule):
             return
         if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
-        if self.loss == "sampled" and stage == "fit":
-            counts = torch.bincount(self.datamodule.examples("train").targets, minlength=self.net.num_items + 1)
+        if stage == "fit":
+            self.set_training_targets(self.datamodule.examples("train").targets)
+
+    def set_training_targets(self, targets: torch.Tensor) -> None:
+        """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
+        if self.loss == "sampled":
+            counts = torch.bincount(targets, minlength=self.net.num_items + 1)
             self.sampler = NegativeSampler(counts, self.num_negatives, self.negative_sampling)
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:

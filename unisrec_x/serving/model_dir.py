@@ -25,7 +25,7 @@ import torch
 
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError
-from unisrec_x.lit.checkpoint import read_state_dict
+from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.paths import atomic_directory
 
@@ -48,8 +48,8 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     from unisrec_x.data.datamodule import SeqRecDataModule
     from unisrec_x.serving.recommender import TextSettings
 
-    state = read_state_dict(path)  # validates the file (missing, truncated, code-carrying) first
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)  # missing, truncated or code-carrying files fail here, named
+    state = net_state(checkpoint, path)
     model_args = _hparams(checkpoint, "hyper_parameters", path)
     net_args = model_args.get("net", {}).get("init_args")
     if not isinstance(net_args, dict):
@@ -62,8 +62,7 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     _load_weights(net, state, path)
     tokens, texts = _merged_items(data)
     features = data.item_features if net.use_text else None
-    text = TextSettings(data_args.get("text_encoder") or data.cache.encoder, data.cache.pooling,
-                        data.cache.max_length, data.cache.batch_size)
+    text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size)
     return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args))
 
 

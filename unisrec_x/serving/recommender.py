@@ -31,6 +31,10 @@ class RequestError(ValueError):
         self.items = items or []
 
 
+class KnownItemsError(RequestError):
+    """Items to add are already in the catalog (HTTP 409)."""
+
+
 class Recommendation(NamedTuple):
     item: str  # the id in the dataset's interaction files
     score: float
@@ -184,7 +188,7 @@ class Recommender:
             raise RequestError("no items given")
         clash = sorted(t for t in items if t in self.token_to_id or t in self.aliases)
         if clash:
-            raise RequestError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
+            raise KnownItemsError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
         tokens = list(items)
         texts = [clean_text(str(items[t])) for t in tokens]
         blank = [t for t, text in zip(tokens, texts) if not text]

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from unisrec_x.serving.recommender import Recommender, RequestError
+from unisrec_x.serving.recommender import KnownItemsError, Recommender, RequestError
 
 MAX_HISTORY = 1000  # request-size guard; the model itself reads the last max_seq_len items
 MAX_K = 1000
@@ -128,7 +128,8 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
 
     @app.exception_handler(RequestError)
     async def unanswerable(request: Request, exc: RequestError) -> JSONResponse:
-        return _error(422, str(exc), items=exc.items) if exc.items else _error(422, str(exc))
+        status = 409 if isinstance(exc, KnownItemsError) else 422
+        return _error(status, str(exc), items=exc.items) if exc.items else _error(status, str(exc))
 
     @app.get("/health")
     async def health() -> dict:
@@ -151,9 +152,6 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
 
     @app.post("/items", status_code=201)
     async def add_items(body: AddItemsRequest) -> dict:
-        clash = sorted(t for t in body.items if t in recommender.token_to_id or t in recommender.aliases)
-        if clash:
-            return _error(409, f"{len(clash)} item(s) already in the catalog", items=clash)
         added = await asyncio.get_running_loop().run_in_executor(None, recommender.add_items, body.items)
         return {"added": added, "items": recommender.num_items}
 
