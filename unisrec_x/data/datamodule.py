@@ -81,7 +81,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             unknown = [t for t in exclude_items if t not in known]
             if unknown:
                 raise DataError(f"exclude_items names unknown item(s) {unknown[:10]}", resolve_dataset(names[0], data_root))
-            domains = [without_items(d, [t for t in exclude_items if t in set(d.item_tokens)]) for d in domains]
+            domains = [without_items(d, sorted(set(exclude_items) & set(d.item_tokens))) for d in domains]
         if max_users:
             domains = [first_users(d, max_users) for d in domains]
         self.data: MergedDomains = merge_domains(domains)
