@@ -61,7 +61,12 @@ class RecBoleSASRec:
         self.train_data, self.valid_data, self.test_data = data_preparation(config, self.dataset)
         torch.manual_seed(seed)
         self.model = SASRec(config, self.train_data.dataset)
-        self.trainer = Trainer(config, self.model)
+        here = os.getcwd()
+        os.chdir(self._tmp.name)  # RecBole's Trainer writes ./log_tensorboard/ wherever it is run
+        try:
+            self.trainer = Trainer(config, self.model)
+        finally:
+            os.chdir(here)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         torch.autograd.set_detect_anomaly(False)
 

@@ -65,3 +65,20 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def assert_close_f32(actual, expected, rtol: float = 1e-5) -> None:
+    """Float32 results of two code paths (or two BLAS libraries: torch's and numpy's OpenBLAS)
+    agree to a relative error of the values' *scale*, not to a fixed absolute one.
+
+    A dot product of D float32 terms carries an error of ~sqrt(D) * 6e-8 of |q| |v|; scores of
+    ~1/temperature (~14) therefore differ by ~1e-5 across libraries (seen: 1.24e-5 on values of 12).
+    ``atol = rtol * max|expected|`` covers entries near zero in a row of large ones.
+    """
+    import numpy as np
+
+    actual = np.asarray(actual.detach() if hasattr(actual, "detach") else actual, dtype=np.float64)
+    expected = np.asarray(expected.detach() if hasattr(expected, "detach") else expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -84,3 +86,32 @@ def test_missing_truncated_and_malicious_checkpoints_are_refused(tmp_path):
     with pytest.raises(DataError, match="refused"):
         load_pretrained(net, evil)
     assert not (tmp_path / "PWNED").exists() and not __import__("pathlib").Path("PWNED").exists()
+
+
+def test_empty_cut_and_damaged_checkpoints_always_say_why(tmp_path):
+    net = UniSRec(num_items=30, **DIMS)
+    path = _save(tmp_path, net)
+    good = path.read_bytes()
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=r"pre.ckpt: checkpoint is truncated or corrupted \(file is empty \(0 bytes\)\)$"):
+        load_pretrained(net, path)
+    rng = random.Random(0)
+    damaged = [good[:n] for n in range(1, len(good), max(1, len(good) // 150))]
+    for _ in range(150):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        damaged.append(bytes(data))
+    for data in damaged:  # torch fails with EOFError(''), IndexError, KeyError, UnicodeDecodeError, TypeError ...
+        path.write_bytes(data)
+        try:
+            load_pretrained(UniSRec(num_items=30, **DIMS), path)
+        except DataError as err:
+            assert err.path == str(path) and "()" not in str(err), str(err)  # a reason is always given
+
+
+def test_state_dict_with_values_other_than_tensors_is_refused(tmp_path):
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {"net.encoder.position.weight": 3, 7: torch.zeros(1)}}, path)
+    with pytest.raises(DataError, match=r"odd.ckpt: state_dict holds entries that are not named tensors: 'net.encoder"):
+        load_pretrained(UniSRec(num_items=30, **DIMS), path)

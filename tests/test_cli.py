@@ -48,3 +48,52 @@ def test_sampled_softmax_trains_from_the_cli(slice_env):
     config = next(c for c in CONFIGS if c.endswith("unisrec_transductive.yaml"))
     main(["fit", "-c", config, *SLICE, "--model.init_args.loss", "sampled", "--model.init_args.num_negatives", "64",
           "--model.init_args.negative_sampling", "popularity", "--trainer.fast_dev_run", "2", "--trainer.logger", "false"])
+
+
+def _own_dataset(real_root: Path, folder: Path, blank_titles: int) -> None:
+    """A user's own plain files: the first 150 Scientific users, 7 items with a blank title."""
+    from unisrec_x.data.atomic import read_atomic, write_atomic
+    from unisrec_x.data.text import read_text_file
+
+    test = read_atomic(real_root / "scientific" / "Scientific.test.inter")
+    rows, items = [], []
+    for user, history, target in list(zip(*(test.column(f) for f in test.fields)))[:150]:
+        for position, item in enumerate([*history.split(), target]):
+            rows.append((user, item, str(position)))
+            items.append(item)
+    write_atomic(folder / "Mine.inter", [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")], rows)
+    prefix = real_root / "scientific" / "Scientific"
+    texts = read_text_file(f"{prefix}.text", f"{prefix}.item2index")
+    catalog = sorted(set(items), key=int)
+    write_atomic(folder / "Mine.item", [("item_id", "token"), ("title", "token_seq")],
+                 [(item, "" if i < blank_titles else texts[item]) for i, item in enumerate(catalog)])
+
+
+def test_id_only_model_needs_no_item_text(real_root, slice_env, isolated_cache, monkeypatch, caplog):
+    mine = slice_env / "mine"
+    _own_dataset(real_root, mine, blank_titles=7)
+    own = ["--data.data_root", str(mine), "--data.dataset", "Mine", "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    sasrec = next(c for c in CONFIGS if c.endswith("sasrec.yaml"))
+    monkeypatch.setenv("UNISREC_X_CACHE", str(isolated_cache))
+    main(["fit", "-c", sasrec, *own, "--trainer.fast_dev_run", "1"])
+    assert not any(isolated_cache.rglob("*.npy"))  # no text was encoded
+    (mine / "Mine.item").unlink()  # and none has to exist
+    main(["fit", "-c", sasrec, *own, "--trainer.fast_dev_run", "1"])
+    _own_dataset(real_root, mine, blank_titles=7)
+    inductive = next(c for c in CONFIGS if c.endswith("unisrec_inductive.yaml"))
+    with pytest.raises(SystemExit) as exit_info:  # a text model still refuses items without text
+        main(["fit", "-c", inductive, *own, "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == 2 and "has no text (7 items in all" in caplog.text
+
+
+def test_position_wise_training_from_the_cli(slice_env):
+    config = next(c for c in CONFIGS if c.endswith("unisrec_transductive.yaml"))
+    main(["fit", "-c", config, *SLICE, "--data.training_examples", "positions", "--data.batch_size", "256",
+          "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
+          "--trainer.logger.init_args.save_dir", str(slice_env / "runs")])
+    metrics = next((slice_env / "runs").rglob("metrics.csv")).read_text()
+    assert "train/loss" in metrics and "val/ndcg@10" in metrics
+    out = json.loads(next((slice_env / "runs").rglob("test_metrics.json")).read_text())
+    assert 0.0 <= out["metrics"]["ndcg@10"] <= out["metrics"]["recall@10"] <= 1.0
+    assert "training_examples: positions" in next((slice_env / "runs").rglob("config.yaml")).read_text()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-from contextlib import contextmanager
-from typing import Iterator
 from pathlib import Path
 
 from unisrec_x.errors import DataError
@@ -48,23 +45,3 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; on success it replaces ``directory`` in one rename, so
-    readers see the old folder or the new one, never half of one. On error the old one stays."""
-    directory = Path(directory).resolve()
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)

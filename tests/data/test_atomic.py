@@ -63,3 +63,12 @@ def test_write_then_read_round_trip(tmp_path):
     table = read_atomic(path)
     assert table.column("item_id_list") == ["3 4", "7"] and table.column("item_id") == ["5", "8"]
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was renamed away"
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    plain = write(tmp_path / "a.inter", HEADER + "1\t2\t3\n")
+    bom = write(tmp_path / "b.inter", b"\xef\xbb\xbf" + plain.read_bytes())
+    first, second = read_atomic(plain, required=("user_id",)), read_atomic(bom, required=("user_id",))
+    assert (second.fields, second.types, second.columns, second.lines) == (first.fields, first.types, first.columns, first.lines)
+    headerless = write(tmp_path / "S.item2index", b"\xef\xbb\xbfA1\t0\n")
+    assert read_atomic(headerless, names=("token", "index")).column("token") == ["A1"]

@@ -100,8 +100,9 @@ def test_benchmark_rows_that_do_not_chain_are_refused(tmp_path):
 def test_item_without_text_errors_or_is_allowed(tmp_path):
     _bench(tmp_path, "u\ta b\tc\nu\ta\tb\n")
     write(tmp_path / "B.item", "item_id:token\ttitle:token_seq\na\tAlpha\nb\tBeta\nc\tGamma\nd\tDelta\n")
+    domain = load_domain(tmp_path / "B")  # text is read when first used: an ID-only model never does
     with pytest.raises(DataError, match="item 'e' has no text") as err:
-        load_domain(tmp_path / "B")
+        domain.item_texts[0]
     assert err.value.path.endswith("B.test.inter") and err.value.line == 2
     domain = load_domain(tmp_path / "B", missing_text="empty")
     assert domain.item_texts == ["Alpha", "Beta", "Gamma", "Delta", ""]
@@ -176,3 +177,34 @@ def test_item_ids_shared_across_domains_stay_separate(real_root, tmp_path, caplo
     merged = merge_domains([scientific, office])
     assert "11 item ids appear in more than one domain" in caplog.text  # the tapes listed in both categories
     assert merged.num_items == scientific.num_items + office.num_items
+
+
+@pytest.mark.parametrize("content, message", [
+    ("A1\t0\nA2\t1\nA1\t2\n", r"item 'A1' appears a second time \(expected each item once\)"),
+    ("A1\t0\nA2\t1\nA3\t01\n", r"index 1 is given to both 'A2' and 'A3' \(expected one item per index\)"),
+])
+def test_item2index_must_be_one_to_one(tmp_path, content, message):
+    from unisrec_x.data.text import read_item2index
+    path = write(tmp_path / "S.item2index", content)
+    with pytest.raises(DataError, match=message) as err:
+        read_item2index(path)
+    assert err.value.path == str(path) and err.value.line == 3
+
+
+def test_item_file_with_a_repeated_id_is_refused_like_text_files(tmp_path):
+    from unisrec_x.data.text import read_item_fields
+    path = write(tmp_path / "B.item", "item_id:token\ttitle:token_seq\na\tAlpha\nb\tBeta\nc\tGamma\nb\tBeta again\n")
+    with pytest.raises(DataError, match=r"item 'b' has a second row \(expected each item_id once\)") as err:
+        read_item_fields(path, ["title"])
+    assert err.value.path.endswith("B.item") and err.value.line == 5
+
+
+def test_files_starting_with_a_utf8_bom_read_as_without(tmp_path):
+    rows = "user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\t2\nu\tc\t3\n"
+    plain, bom = write(tmp_path / "p.inter", rows), write(tmp_path / "b.inter", b"\xef\xbb\xbf" + rows.encode())
+    assert read_inter(bom).sequences == read_inter(plain).sequences == [["a", "b", "c"]]
+    from unisrec_x.data.text import read_item2index, read_text_file
+    write(tmp_path / "S.text", b"\xef\xbb\xbfitem_id:token\ttext:token_seq\nA1\tOne\nA2\tTwo\n")
+    write(tmp_path / "S.item2index", b"\xef\xbb\xbfA1\t0\nA2\t1\n")
+    assert read_item2index(tmp_path / "S.item2index") == {"A1": "0", "A2": "1"}
+    assert read_text_file(tmp_path / "S.text", tmp_path / "S.item2index") == {"0": "One", "1": "Two"}

@@ -61,3 +61,28 @@ def test_export_and_missing_checkpoint(ckpt_args, tmp_path, capsys):
         "item_vectors.npy", "item_ids.txt", "query_encoder.pt", "manifest.json"}
     assert run(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert "none.ckpt" in capsys.readouterr().err
+
+
+def test_out_never_replaces_what_the_user_made(ckpt_args, held_out_text, tmp_path, monkeypatch, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "f").write_text("a")
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("b")
+    items = tmp_path / "new.item"
+    write_atomic(items, [("item_id", "token"), ("title", "token_seq")], [(HELD_OUT, held_out_text)])
+    monkeypatch.chdir(tmp_path)
+    for command in (["export"], ["add-items", "--items", str(items)]):
+        for out in (str(keep), ".", "", str(tmp_path.parent), "/", str(a_file)):
+            assert run([*command, *ckpt_args, "--out", out, "--overwrite"]) == 2, (command, out)
+            assert capsys.readouterr().err.startswith("error: ")
+    assert (keep / "f").read_text() == "a" and a_file.read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "model.bin", "new.item"]
+    # an export this tool wrote is replaced only when asked
+    assert run(["export", *ckpt_args, "--out", "export"]) == 0
+    assert run(["export", *ckpt_args, "--out", "export"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert run(["export", *ckpt_args, "--out", "export", "--overwrite"]) == 0
+    # and a model directory is not an export (nor the other way round)
+    assert run(["add-items", *ckpt_args, "--items", str(items), "--out", "export", "--overwrite"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "keep", "model.bin", "new.item"]

@@ -12,6 +12,7 @@ import torch
 
 from unisrec_x.serving.recommender import Recommender, RequestError, TextSettings
 from unisrec_x.model.unisrec import UniSRec
+from tests.conftest import assert_close_f32
 from tests.serving.conftest import HELD_OUT, SAME_FILAMENT
 
 
@@ -45,7 +46,7 @@ def test_recommend_equals_full_scoring_of_the_network(recommender):
     results = recommender.recommend(histories, k=10)
     for row, recs in enumerate(results):
         assert [recommender.token_to_id[r.item] - 1 for r in recs] == expected.indices[row].tolist()
-        np.testing.assert_allclose([r.score for r in recs], expected.values[row].numpy(), atol=1e-5)
+        assert_close_f32([r.score for r in recs], expected.values[row])
 
 
 def test_exclude_seen_never_returns_history_items(recommender):
@@ -109,7 +110,7 @@ def test_model_directory_round_trip_keeps_added_items(recommender, held_out_text
     assert again.num_items == recommender.num_items and again.item_tokens[-1] == HELD_OUT
     got = again.recommend([SAME_FILAMENT], k=10)
     assert [r.item for r in got[0]] == [r.item for r in expected[0]]
-    np.testing.assert_allclose([r.score for r in got[0]], [r.score for r in expected[0]], atol=1e-5)
+    assert_close_f32([r.score for r in got[0]], [r.score for r in expected[0]])
 
 
 def test_export_reproduces_scores_without_this_package(recommender, tmp_path):
@@ -133,7 +134,7 @@ assert not any(name.startswith('unisrec_x') for name in sys.modules), 'export ne
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     scores = np.load(tmp_path / "scores.npy")
     assert scores.shape == (3, recommender.num_items)
-    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    assert_close_f32(scores, expected)  # numpy's BLAS vs torch's: relative to the scores' scale
     ids = (out / "item_ids.txt").read_text().splitlines()
     assert ids == recommender.item_tokens
     assert json.loads((out / "manifest.json").read_text())["items"] == recommender.num_items
@@ -179,3 +180,94 @@ def test_broken_model_directories_are_named(recommender, tmp_path):
     (model / "model.json").unlink()
     with pytest.raises(DataError, match="model.json is missing"):
         Recommender.from_checkpoint(model)
+
+
+def _tiny(batch_size: int = 64) -> Recommender:
+    """An inductive text model on five items with random text vectors (no text encoder loaded)."""
+    torch.manual_seed(0)
+    net = UniSRec(num_items=5, plm_dim=8, hidden_dim=6, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2,
+                  use_text=True, use_item_id=False)
+    features = torch.randn(6, 8)
+    features[0] = 0
+    return Recommender(net, list("abcde"), list("ABCDE"), features, TextSettings("unused", batch_size=batch_size))
+
+
+class VectorPerText:
+    """Stands in for the text encoder: a fixed random vector per text; records each forward pass."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.vectors: dict[str, np.ndarray] = {}
+        self.passes: list[int] = []
+        self.delay = delay
+
+    def encode(self, texts):
+        import time
+
+        time.sleep(self.delay)
+        self.passes.append(len(texts))
+        rng = np.random.default_rng
+        return np.stack([self.vectors.setdefault(t, rng(len(self.vectors)).standard_normal(8).astype(np.float32))
+                         for t in texts])
+
+
+@pytest.mark.parametrize("token, why", [
+    ("EVIL\ud800", "not valid UTF-8"), ("", "empty"), ("   ", "empty"), ("a\tb", "control character"),
+    ("a\nb", "control character"), ("a\rb", "control character"), ("nul\x00", "control character"),
+])
+def test_invalid_ids_are_refused_before_anything_changes(token, why, monkeypatch):
+    rec = _tiny()
+    encoder = VectorPerText()
+    monkeypatch.setattr(rec, "text_encoder", lambda: encoder)
+    expected = rec.recommend([["a", "b"]], k=5)
+    with pytest.raises(RequestError, match=f"1 invalid item id.*{why}") as refused:
+        rec.add_items({"fine": "a good text", token: "another good text"})
+    assert refused.value.items == [token.encode("utf-8", "backslashreplace").decode()]
+    assert encoder.passes == [] and rec.num_items == 5 and rec.table.shape[0] == 6
+    assert rec.recommend([["a", "b"]], k=5) == expected
+
+
+def test_lone_surrogates_in_histories_or_texts_are_request_errors(monkeypatch):
+    rec = _tiny()
+    monkeypatch.setattr(rec, "text_encoder", lambda: VectorPerText())
+    with pytest.raises(RequestError, match=r"not valid UTF-8 \(lone surrogate\): EVIL\\ud800"):
+        rec.recommend([["a", "EVIL\ud800"]])
+    with pytest.raises(RequestError, match="text that is not valid UTF-8.*: new"):
+        rec.add_items({"new": "text \udc80 with a lone surrogate"})
+    assert rec.num_items == 5
+
+
+def test_concurrent_add_items_of_one_id_add_it_once(monkeypatch):
+    import threading
+
+    rec = _tiny()
+    monkeypatch.setattr(rec, "text_encoder", lambda: VectorPerText(delay=0.2))  # all pass the early check
+    outcomes, start = [], threading.Barrier(4)
+
+    def add() -> None:
+        start.wait()
+        try:
+            outcomes.append(rec.add_items({"new": "the same new item"}))
+        except RequestError as err:
+            outcomes.append(type(err).__name__)
+
+    threads = [threading.Thread(target=add) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(map(str, outcomes)) == ["KnownItemsError"] * 3 + ["['new']"]
+    assert rec.num_items == 6 and rec.item_tokens.count("new") == 1
+    assert rec.table.shape[0] == 7 and rec.candidates.shape[0] == 6 and rec.net.item_features.shape[0] == 7
+
+
+def test_add_items_encodes_batch_size_texts_per_pass_in_any_order(monkeypatch):
+    rec = _tiny(batch_size=2)
+    encoder = VectorPerText()
+    monkeypatch.setattr(rec, "text_encoder", lambda: encoder)
+    texts = {"n1": "a much longer text than the rest", "n2": "mid length", "n3": "x", "n4": "short", "n5": "medium t"}
+    rec.add_items(texts)
+    assert encoder.passes == [2, 2, 1]  # never every text in one forward pass
+    with torch.inference_mode():  # each new row comes from its own text, whatever order the passes took
+        for token, text in texts.items():
+            expected = rec.net.adapter(torch.from_numpy(encoder.vectors[text])[None])[0]
+            torch.testing.assert_close(rec.table[rec.token_to_id[token]], expected)

@@ -33,10 +33,12 @@ class AtomicTable:
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"bytes that are not UTF-8 at byte {err.start} (files must be UTF-8)", path, line) from None
+    # Editors on Windows may start a UTF-8 file with a byte-order mark; it is not part of the first field name.
+    return text.removeprefix("\ufeff")
 
 
 def _parse_header(cells: list[str], path: Path) -> tuple[list[str], list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -18,15 +19,76 @@ log = logging.getLogger(__name__)
 MissingText = Literal["error", "empty"]
 
 
+class TextSource:
+    """A domain's item-text files, read on first use: a model that uses no text (SASRec) never
+    reads them, so blank, missing or broken texts cannot stop it."""
+
+    def __init__(self, prefix: Path, text_fields: Sequence[str], missing_text: MissingText,
+                 first_seen: dict[str, tuple[Path, int]], with_index: bool) -> None:
+        self.prefix, self.text_fields, self.missing_text = prefix, list(text_fields), missing_text
+        self.first_seen, self.with_index = first_seen, with_index
+
+    @cached_property
+    def texts(self) -> dict[str, str]:
+        prefix = self.prefix
+        text_file, index_file, item_file = Path(f"{prefix}.text"), Path(f"{prefix}.item2index"), Path(f"{prefix}.item")
+        if text_file.is_file():
+            return read_text_file(text_file, index_file if self.with_index else None)
+        if item_file.is_file():
+            return read_item_fields(item_file, self.text_fields)
+        raise DataError(f"no item text: neither {text_file.name} nor {item_file.name} exists", prefix.parent)
+
+    def of(self, tokens: Sequence[str]) -> list[str]:
+        """The texts of ``tokens``; an item without text is an error unless ``missing_text='empty'``."""
+        texts = self.texts
+        empty = [t for t in tokens if not texts.get(t, "").strip()]
+        if empty:
+            if self.missing_text == "error":
+                path, line = self.first_seen.get(empty[0], (f"{self.prefix}.text", None))
+                raise DataError(f"item {empty[0]!r} has no text ({len(empty)} items in all; "
+                                "pass missing_text='empty' to allow)", path, line)
+            log.warning("%s: %d items have no text and get an empty string", self.prefix.name, len(empty))
+        return [texts.get(t, "") for t in tokens]
+
+
+class ItemTexts(Sequence[str]):
+    """The texts of a list of items, read from a ``TextSource`` on first access."""
+
+    def __init__(self, source: TextSource, tokens: Sequence[str]) -> None:
+        self.source, self.tokens = source, list(tokens)
+
+    @cached_property
+    def _texts(self) -> list[str]:
+        return self.source.of(self.tokens)
+
+    def __getitem__(self, index):
+        return self._texts[index]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+
 @dataclass
 class Domain:
-    """Item ``i`` (1-based) is ``item_tokens[i - 1]`` with text ``item_texts[i - 1]``."""
+    """Item ``i`` (1-based) is ``item_tokens[i - 1]`` with text ``item_texts[i - 1]``.
+
+    ``item_texts`` is read from the files on first access (``ItemTexts``) when loaded by ``load_domain``.
+    """
 
     name: str
     item_tokens: list[str]
-    item_texts: list[str]
+    item_texts: Sequence[str]
     users: list[str]
     sequences: list[np.ndarray]
+
+    def texts_of(self, tokens: list[str], rows: Sequence[int]) -> Sequence[str]:
+        """Texts of a subset of items (``rows`` 0-based), still unread when this domain's are."""
+        if isinstance(self.item_texts, ItemTexts):
+            return ItemTexts(self.item_texts.source, tokens)
+        return [self.item_texts[r] for r in rows]
 
     @property
     def num_items(self) -> int:
@@ -49,7 +111,8 @@ def load_domain(
     """Load ``<prefix>.*`` files, detecting the form present.
 
     Interactions: ``.train/.valid/.test.inter`` (pre-split) or ``.inter`` (split here by time).
-    Text: ``.text`` (+ ``.item2index`` when present) or the ``text_fields`` of ``.item``.
+    Text: ``.text`` (+ ``.item2index`` when present) or the ``text_fields`` of ``.item``, read
+    when ``item_texts`` is first used (never, for an ID-only model).
     """
     prefix = Path(prefix)
     name = prefix.name
@@ -61,30 +124,17 @@ def load_domain(
     else:
         raise DataError(f"no interactions: neither {bench.name} nor {plain.name} exists", prefix.parent)
 
-    text_file, index_file, item_file = Path(f"{prefix}.text"), Path(f"{prefix}.item2index"), Path(f"{prefix}.item")
+    index_file = Path(f"{prefix}.item2index")
     item2index = read_item2index(index_file) if index_file.is_file() else None
-    if text_file.is_file():
-        texts = read_text_file(text_file, index_file if item2index is not None else None)
-    elif item_file.is_file():
-        texts = read_item_fields(item_file, text_fields)
-    else:
-        raise DataError(f"no item text: neither {text_file.name} nor {item_file.name} exists", prefix.parent)
-
     tokens = _item_order(interactions, item2index)
     known = set(tokens)
     for token, (path, line) in interactions.first_seen.items():
         if token not in known:
             raise DataError(f"item {token!r} is not in the item index {index_file}", path, line)
-    empty = [t for t in tokens if not texts.get(t, "").strip()]
-    if empty:
-        if missing_text == "error":
-            path, line = interactions.first_seen.get(empty[0], (text_file, None))
-            raise DataError(
-                f"item {empty[0]!r} has no text ({len(empty)} items in all; pass missing_text='empty' to allow)", path, line)
-        log.warning("%s: %d items have no text and get an empty string", name, len(empty))
+    texts = TextSource(prefix, text_fields, missing_text, interactions.first_seen, item2index is not None)
     ids = {t: i + 1 for i, t in enumerate(tokens)}
     sequences = [np.fromiter((ids[t] for t in seq), dtype=np.int64, count=len(seq)) for seq in interactions.sequences]
-    return Domain(name, tokens, [texts.get(t, "") for t in tokens], interactions.users, sequences)
+    return Domain(name, tokens, ItemTexts(texts, tokens), interactions.users, sequences)
 
 
 def first_users(domain: Domain, max_users: int) -> Domain:
@@ -98,8 +148,9 @@ def first_users(domain: Domain, max_users: int) -> Domain:
     used = np.unique(np.concatenate(sequences))  # sorted old ids, keeps catalog order
     remap = np.zeros(domain.num_items + 1, dtype=np.int64)
     remap[used] = np.arange(1, len(used) + 1)
-    return Domain(domain.name, [domain.item_tokens[i - 1] for i in used], [domain.item_texts[i - 1] for i in used],
-                  domain.users[:max_users], [remap[s] for s in sequences])
+    tokens = [domain.item_tokens[i - 1] for i in used]
+    return Domain(domain.name, tokens, domain.texts_of(tokens, used - 1), domain.users[:max_users],
+                  [remap[s] for s in sequences])
 
 
 def without_items(domain: Domain, tokens: Sequence[str]) -> Domain:
@@ -117,5 +168,6 @@ def without_items(domain: Domain, tokens: Sequence[str]) -> Domain:
     remap = np.zeros(domain.num_items + 1, dtype=np.int64)
     remap[keep] = np.arange(1, int(keep.sum()) + 1)
     kept = np.flatnonzero(keep)
-    return Domain(domain.name, [domain.item_tokens[i - 1] for i in kept], [domain.item_texts[i - 1] for i in kept],
-                  domain.users, [remap[s[keep[s]]] for s in domain.sequences])
+    tokens = [domain.item_tokens[i - 1] for i in kept]
+    return Domain(domain.name, tokens, domain.texts_of(tokens, kept - 1), domain.users,
+                  [remap[s[keep[s]]] for s in domain.sequences])

@@ -47,13 +47,20 @@ def read_text_file(text_path: str | Path, item2index_path: str | Path | None = N
 
 
 def read_item2index(path: str | Path) -> dict[str, str]:
-    """Headerless ``token<TAB>index`` map, indices checked to be integers."""
+    """Headerless ``token<TAB>index`` map: indices are integers, one token per index and one index per token."""
     table = read_atomic(path, names=("token", "index"))
     result: dict[str, str] = {}
+    token_of: dict[str, str] = {}
     for row, (token, idx) in enumerate(zip(table.column("token"), table.column("index"))):
         if not idx.strip().lstrip("-").isdigit():
             raise DataError(f"index {idx!r} of {token!r} is not an integer", table.path, table.lines[row])
-        result[token] = str(int(idx))
+        index = str(int(idx))
+        if token in result:
+            raise DataError(f"item {token!r} appears a second time (expected each item once)", table.path, table.lines[row])
+        if index in token_of:
+            raise DataError(f"index {index} is given to both {token_of[index]!r} and {token!r} (expected one item per index)",
+                            table.path, table.lines[row])
+        result[token], token_of[index] = index, token
     return result
 
 
@@ -63,6 +70,8 @@ def read_item_fields(item_path: str | Path, fields: Sequence[str], max_chars: in
     out: dict[str, str] = {}
     columns = [table.column(f) for f in fields]
     for row, token in enumerate(table.column("item_id")):
+        if token in out:
+            raise DataError(f"item {token!r} has a second row (expected each item_id once)", table.path, table.lines[row])
         parts = [clean_text(col[row]) for col in columns]
         text = ". ".join(p for p in parts if p)
         if max_chars is not None:

@@ -28,13 +28,21 @@ def read_checkpoint(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise DataError("checkpoint not found", path)
+    if path.stat().st_size == 0:
+        raise DataError("checkpoint is truncated or corrupted (file is empty (0 bytes))", path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({str(err).splitlines()[0]})", path) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise DataError(f"checkpoint is truncated or corrupted ({str(err).splitlines()[0]})", path) from None
+        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({_reason(err)})", path) from None
+    except Exception as err:  # a damaged zip or pickle fails in many ways (EOFError, IndexError, KeyError, ...)
+        raise DataError(f"checkpoint is truncated or corrupted ({_reason(err)})", path) from None
     return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """The first line of an exception's message, or its type when the message is empty (``EOFError()``)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
@@ -42,6 +50,9 @@ def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise DataError("not a checkpoint: no state_dict inside", path)
+    odd = [repr(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if odd:
+        raise DataError(f"state_dict holds entries that are not named tensors: {', '.join(sorted(odd)[:6])}", path)
     if any(k.startswith("net.") for k in state):
         state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     return state

@@ -56,6 +56,14 @@ class UniSRec(nn.Module):
             raise ValueError(f"use_item_id needs num_items > 0, got {num_items}")
         if similarity not in ("cosine", "dot"):
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+        minimum = dict(num_items=0, n_layers=0, plm_dim=1, hidden_dim=1, n_heads=1, inner_dim=1, max_seq_len=1, n_experts=1)
+        too_small = [f"{k}={arguments[k]} (at least {m})" for k, m in minimum.items() if arguments[k] < m]
+        if too_small:
+            raise ValueError("model sizes out of range: " + ", ".join(too_small))
+        if hidden_dim % n_heads:  # checked here too, so that n_layers=0 cannot hide it
+            raise ValueError(f"hidden_dim {hidden_dim} is not divisible by n_heads {n_heads}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
         self.use_text, self.use_item_id = use_text, use_item_id
         self.similarity, self.temperature = similarity, temperature

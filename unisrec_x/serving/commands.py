@@ -62,11 +62,15 @@ def add_items(words: list[str]) -> int:
                         "(.item or .text)")
     parser.add_argument("--text_fields", nargs="+", default=None,
                         help="fields joined into the text (default: text, else title)")
-    parser.add_argument("--out", required=True, help="model directory to write (replaced atomically)")
+    parser.add_argument("--out", required=True, help="model directory to write: a new or empty folder, or "
+                        "(with --overwrite) a model directory written earlier, replaced atomically")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing unisrec-x model directory")
 
     def body(words: list[str]) -> None:
         from unisrec_x.data.atomic import read_atomic
         from unisrec_x.data.text import read_item_fields
+        from unisrec_x.outputs import check_output_path
+        from unisrec_x.serving.model_dir import MODEL_DIR
 
         args = parser.parse_args(words)
         path = Path(args.items)
@@ -75,9 +79,10 @@ def add_items(words: list[str]) -> int:
             header = read_atomic(path, required=["item_id"])
             fields = ["text"] if "text" in header.fields else ["title"]
         items = read_item_fields(path, fields)
+        check_output_path(args.out, MODEL_DIR, args.overwrite)  # refuse before minutes of loading and encoding
         recommender = _load(args)
         added = recommender.add_items(items)
-        out = recommender.save(args.out)
+        out = recommender.save(args.out, overwrite=args.overwrite)
         print(f"added {len(added)} items; {recommender.num_items} items in {out}")
 
     return _run(body, words)
@@ -85,24 +90,70 @@ def add_items(words: list[str]) -> int:
 
 def export(words: list[str]) -> int:
     parser = _parser("export", "Write item_vectors.npy, item_ids.txt and a TorchScript query encoder.")
-    parser.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    parser.add_argument("--out", required=True, help="folder to write: a new or empty folder, or (with "
+                        "--overwrite) an export written earlier, replaced atomically")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing unisrec-x export")
 
     def body(words: list[str]) -> None:
+        from unisrec_x.outputs import check_output_path
+        from unisrec_x.serving.export import EXPORT
+
         args = parser.parse_args(words)
-        out = _load(args).export(args.out)
+        check_output_path(args.out, EXPORT, args.overwrite)
+        out = _load(args).export(args.out, overwrite=args.overwrite)
         print(f"exported to {out}")
 
     return _run(body, words)
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    from unisrec_x.serving.service import MAX_BODY_BYTES, MAX_ITEMS, MAX_TEXT_CHARS, TOKEN_ENV
+
     parser = _parser("serve", "Serve POST /recommend, POST /items and GET /health over HTTP.")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only; any other "
+                        "needs a token)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_batch", type=int, default=64, help="requests answered by one forward pass")
     parser.add_argument("--max_wait_ms", type=float, default=2.0, help="how long a request waits for others")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--token", default=None, help=f"POST /items then needs 'Authorization: Bearer TOKEN' "
+                        f"(default: ${TOKEN_ENV}; prefer it, a flag shows in the process list)")
+    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
+    parser.add_argument("--max_items", type=int, default=MAX_ITEMS, help="most items one POST /items may add")
+    parser.add_argument("--max_text_chars", type=int, default=MAX_TEXT_CHARS, help="longest item text accepted")
     return parser
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _serve_settings(args: argparse.Namespace) -> str | None:
+    """Check the serve flags before the model loads; returns the token (flag, else environment)."""
+    import os
+
+    from unisrec_x.serving.service import TOKEN_ENV
+
+    if not 1 <= args.port <= 65535:
+        raise DataError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag in ("threads", "max_batch", "max_body_bytes", "max_items", "max_text_chars"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DataError(f"--{flag} must be at least 1, got {value}")
+    if not 0 <= args.max_wait_ms < float("inf"):  # NaN too
+        raise DataError(f"--max_wait_ms must be a finite number of 0 or more, got {args.max_wait_ms}")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not _is_loopback(args.host):
+        raise DataError(f"--host {args.host} is reachable from other machines: set --token (or ${TOKEN_ENV}) "
+                        "so that only its holders can POST /items")
+    return token
 
 
 def serve(words: list[str]) -> int:
@@ -115,9 +166,12 @@ def serve(words: list[str]) -> int:
         from unisrec_x.serving.service import create_app
 
         args = parser.parse_args(words)
+        token = _serve_settings(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        app = create_app(_load(args), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+        app = create_app(_load(args), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token=token,
+                         max_body_bytes=args.max_body_bytes, max_items=args.max_items,
+                         max_text_chars=args.max_text_chars)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
     return _run(body, words)

@@ -4,7 +4,7 @@
     item_ids.txt         N lines, the item token of each row
     query_encoder.pt     TorchScript: (item_seq (B, L) int64 ids 1..N, 0 = right padding,
                          seq_len (B,)) -> query (B, D); the item table is inside
-    manifest.json        shapes, similarity, how to score
+    manifest.json        format "unisrec-x-export", shapes, similarity, how to score
 
 Load with ``torch.jit.load`` and ``numpy.load``; nothing from unisrec_x is imported.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unisrec_x.model.seq_encoder import SequenceEncoder
-from unisrec_x.paths import atomic_directory
+from unisrec_x.outputs import OutputKind, atomic_directory
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
@@ -44,19 +44,24 @@ class QueryEncoder(nn.Module):
         return seq_repr
 
 
-def export(recommender: "Recommender", directory: Path) -> Path:
+EXPORT = OutputKind("export folder", "manifest.json", "unisrec-x-export",
+                    frozenset({"item_vectors.npy", "item_ids.txt", "query_encoder.pt", "manifest.json"}))
+
+
+def export(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
+    """Write the export; an existing export is replaced only with ``overwrite``, anything else is refused."""
     net = recommender.net
     module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(),
                           net.similarity == "cosine", float(net.temperature)).eval()
     scripted = torch.jit.script(module)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, EXPORT, overwrite) as tmp:
         np.save(tmp / "item_vectors.npy", recommender.item_vectors())
         (tmp / "item_ids.txt").write_text("".join(f"{t}\n" for t in recommender.item_tokens))
         scripted.save(str(tmp / "query_encoder.pt"))
         (tmp / "manifest.json").write_text(json.dumps({
-            "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
+            "format": EXPORT.format, "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
             "max_history": recommender.max_history, "similarity": net.similarity,
             "scoring": "scores = query_encoder(item_seq, seq_len) @ item_vectors.T; "
                        "item_seq holds 1-based rows of item_ids.txt, right-padded with 0",
         }, indent=2))
-    return directory.resolve()
+    return Path(directory).resolve()

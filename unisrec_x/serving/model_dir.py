@@ -9,7 +9,8 @@ after training:
     weights.pt          the network's state dict (loaded with weights_only=True)
     items.item          RecBole atomic file: item_id:token, text:token_seq, alias:token (id order;
                         alias is another name of the item, e.g. its ASIN, or empty)
-    item_features.npy   (N + 1, plm_dim) float32 text vectors, row 0 = padding
+    item_features.npy   (N + 1, plm_dim) float32 text vectors, row 0 = padding (read with
+                        allow_pickle=False; any float dtype or byte order becomes native float32)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +28,16 @@ from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
 from unisrec_x.model.unisrec import UniSRec
-from unisrec_x.paths import atomic_directory
+from unisrec_x.outputs import OutputKind, atomic_directory
+from unisrec_x.typed_args import checked_args, exact_keys, type_ok
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
 
 FORMAT = "unisrec-x-model"
 VERSION = 1
+MODEL_DIR = OutputKind("model directory", "model.json", FORMAT,
+                      frozenset({"model.json", "weights.pt", "items.item", "item_features.npy"}))
 ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq"), ("alias", "token")]
 
 
@@ -60,9 +64,10 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     data = SeqRecDataModule(**data_args)
     net = UniSRec(**net_args)
     _load_weights(net, state, path)
-    tokens, texts = _merged_items(data)
+    tokens, texts = _merged_items(data, net.use_text)
     features = data.item_features if net.use_text else None
-    text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size)
+    text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
+                        data.cache.precision)
     return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args))
 
 
@@ -77,12 +82,13 @@ def _release_aliases(data, data_args: dict) -> dict[str, str]:
     return read_item2index(index_file) if index_file.is_file() else {}
 
 
-def _merged_items(data) -> tuple[list[str], list[str]]:
-    """Item tokens in global id order; with several domains, a token found in two gets ``Domain:token``."""
+def _merged_items(data, use_text: bool) -> tuple[list[str], list[str]]:
+    """Item tokens in global id order; with several domains, a token found in two gets ``Domain:token``.
+    Texts are read only for a model that uses them (an ID-only model gets empty ones)."""
     domains = data.data.domains
     counts = Counter(t for d in domains for t in d.item_tokens)
     tokens = [f"{d.name}:{t}" if counts[t] > 1 else t for d in domains for t in d.item_tokens]
-    return tokens, [text for d in domains for text in d.item_texts]
+    return tokens, [text for d in domains for text in d.item_texts] if use_text else [""] * len(tokens)
 
 
 def _load_weights(net: UniSRec, state: dict, path: Path) -> None:
@@ -90,41 +96,104 @@ def _load_weights(net: UniSRec, state: dict, path: Path) -> None:
     problems = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
     if problems:
         raise DataError(f"weights do not fit the recorded network arguments: {problems[:6]}", path)
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if not_finite:
+        raise DataError(f"weights hold NaN or inf values: {not_finite[:6]} (expected finite numbers)", path)
     net.load_state_dict(state, strict=True)
 
 
+MANIFEST_KEYS = ("format", "version", "net", "text", "items")  # exactly what save_model_dir writes
+
+
 def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
+    """A Recommender from a model directory; every file is checked, and a problem is a DataError naming it."""
     from unisrec_x.serving.recommender import TextSettings
 
     manifest_path = directory / "model.json"
-    if not manifest_path.is_file():
-        raise DataError("not a model directory: model.json is missing", directory)
+    manifest = _read_manifest(manifest_path, directory)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"model.json is not valid JSON ({err.msg})", manifest_path, err.lineno) from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise DataError(f"model.json is not a {FORMAT} v{VERSION} manifest", manifest_path)
-    net = UniSRec(**manifest["net"])
+        net = UniSRec(**checked_args(manifest["net"], UniSRec.__init__, "net", manifest_path))
+    except ValueError as err:  # sizes out of range, hidden_dim not divisible by n_heads, ...
+        raise DataError(f"net: {err}", manifest_path) from None
     _load_weights(net, read_state_dict(directory / "weights.pt"), directory / "weights.pt")
-    table = read_atomic(directory / "items.item", required=["item_id", "text"])
-    tokens, texts = table.column("item_id"), table.column("text")
-    aliases = {a: t for a, t in zip(table.column("alias"), tokens) if a} if "alias" in table.fields else {}
-    features = None
-    if net.use_text:
-        features_path = directory / "item_features.npy"
-        if not features_path.is_file():
-            raise DataError("text model without item_features.npy", features_path)
-        features = torch.from_numpy(np.load(features_path))
-        if features.shape != (len(tokens) + 1, net.plm_dim):
-            raise DataError(f"item_features.npy has shape {tuple(features.shape)}, expected "
-                            f"({len(tokens) + 1}, {net.plm_dim}) for {len(tokens)} items", features_path)
-    text = TextSettings(**manifest["text"]) if manifest.get("text") else None
+    tokens, texts, aliases = _read_items(directory / "items.item")
+    if manifest["items"] != len(tokens) or (net.use_item_id and net.num_items != len(tokens)):
+        raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
+                        f"{len(tokens)} (expected the same count)", manifest_path)
+    features = _read_features(directory / "item_features.npy", tokens, net.plm_dim) if net.use_text else None
+    text = manifest["text"]
+    text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
     return cls(net, tokens, texts, features, text, aliases=aliases)
 
 
-def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
-    """Write into a sibling temp folder, then swap it in: a crash never leaves half a model."""
+def _read_manifest(path: Path, directory: Path) -> dict:
+    """``model.json`` as a dict with exactly ``MANIFEST_KEYS``, or a DataError saying what is wrong."""
+    if not path.is_file():
+        raise DataError("not a model directory: model.json is missing", directory)
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"bytes that are not UTF-8 at byte {err.start} (model.json must be UTF-8 JSON)", path, line) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"model.json is not valid JSON ({err.msg})", path, err.lineno) from None
+    except RecursionError:
+        raise DataError("model.json is nested too deeply to be a manifest", path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"model.json is not a {FORMAT} v{VERSION} manifest (expected \"format\": \"{FORMAT}\", "
+                        f"\"version\": {VERSION})", path)
+    exact_keys(manifest, MANIFEST_KEYS, "model.json", path)
+    if not type_ok(manifest["items"], int):
+        raise DataError(f"items {manifest['items']!r} is not an integer (expected the number of items)", path)
+    return manifest
+
+
+def _read_items(path: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """Tokens, texts and alias -> token of ``items.item``; a repeated id or alias names its line."""
+    table = read_atomic(path, required=["item_id", "text"])
+    tokens, texts = table.column("item_id"), table.column("text")
+    alias_column = table.column("alias") if "alias" in table.fields else [""] * len(tokens)
+    first_line: dict[tuple[str, str], int] = {}
+    for kind, values in (("item", tokens), ("alias", alias_column)):
+        for value, line in zip(values, table.lines):
+            if (kind, value) in first_line and (value or kind == "item"):
+                raise DataError(f"{kind} {value!r} appears a second time (first on line {first_line[kind, value]}; "
+                                "expected each once)", path, line)
+            first_line[kind, value] = line
+    return tokens, texts, {a: t for a, t in zip(alias_column, tokens) if a}
+
+
+def _read_features(path: Path, tokens: Sequence[str], plm_dim: int) -> torch.Tensor:
+    """``(N + 1, plm_dim)`` text vectors: any float dtype and byte order, converted to native float32; all finite."""
+    if not path.is_file():
+        raise DataError("text model without item_features.npy", path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:  # truncated, header-only, object arrays, a damaged header (ValueError, EOFError, TokenError...)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({reason})", path) from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under this name
+        array.close()
+        raise DataError("item_features.npy is an .npz archive (expected one .npy array)", path)
+    if array.dtype.kind != "f":
+        raise DataError(f"item_features.npy has dtype {array.dtype} (expected floating-point text vectors, e.g. float32)", path)
+    if array.shape != (len(tokens) + 1, plm_dim):
+        raise DataError(f"item_features.npy has shape {array.shape}, expected ({len(tokens) + 1}, {plm_dim}) "
+                        f"for {len(tokens)} items", path)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        array = array.astype(np.float32)  # also native byte order: torch refuses big-endian arrays
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad.size:
+        item = "the padding row" if bad[0] == 0 else f"item {tokens[bad[0] - 1]!r}"
+        raise DataError(f"item_features.npy row {bad[0]} ({item}) has NaN or inf values ({bad.size} rows in all; "
+                        "expected finite numbers)", path)
+    return torch.from_numpy(array)
+
+
+def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
+    """Write into a sibling temp folder, then swap it in: a crash never leaves half a model.
+    An existing model directory is replaced only with ``overwrite``; anything else is refused."""
     net = recommender.net
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -132,7 +201,7 @@ def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
         "text": recommender.text._asdict() if recommender.text else None,
         "items": recommender.num_items,
     }
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, MODEL_DIR, overwrite) as tmp:
         (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
@@ -141,5 +210,5 @@ def save_model_dir(recommender: "Recommender", directory: Path) -> Path:
                                                         zip(recommender.item_tokens, recommender.item_texts)])
         if net.use_text:
             np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
-    return directory.resolve()
+    return Path(directory).resolve()
 

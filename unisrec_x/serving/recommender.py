@@ -19,6 +19,7 @@ from unisrec_x.data.text import clean_text
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.ranking import DEFAULT_CHUNK, chunked_topk
+from unisrec_x.text.encoder import Precision
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,34 @@ class KnownItemsError(RequestError):
     """Items to add are already in the catalog (HTTP 409)."""
 
 
+def shown(token: str) -> str:
+    """``token`` as it can be printed and sent as JSON: a lone surrogate becomes its escape (``\\ud800``)."""
+    return token.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(text: object) -> bool:
+    if not isinstance(text, str):
+        return True  # not this check's business (an id that is not a string is simply unknown)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from "\ud800" in JSON
+        return False
+    return True
+
+
+def id_problem(token: object) -> str | None:
+    """Why ``token`` cannot be a new item id, or ``None``; ids are written to tab-separated files."""
+    if not isinstance(token, str):
+        return "not a string"
+    if not token.strip():
+        return "empty"
+    if not _is_utf8(token):
+        return "not valid UTF-8 (lone surrogate)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in token):
+        return "contains a tab, newline or other control character"
+    return None
+
+
 class Recommendation(NamedTuple):
     item: str  # the id in the dataset's interaction files
     score: float
@@ -49,6 +78,7 @@ class TextSettings(NamedTuple):
     pooling: str = "cls"
     max_tokens: int = 512
     batch_size: int = 64
+    precision: Precision = "float32"  # the encoder's float32 or bfloat16 (TextEncoder)
 
 
 class Recommender:
@@ -101,28 +131,41 @@ class Recommender:
     def from_checkpoint(cls, path: str | Path, data_root: str | None = None) -> "Recommender":
         """Load a Lightning checkpoint (items and text vectors come from its dataset, via the data root
         and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``."""
+        from unisrec_x.outputs import recover
         from unisrec_x.serving.model_dir import load_checkpoint, load_model_dir
 
         path = Path(path)
+        recover(path.absolute())  # a save killed mid-swap may have left the model beside its path
         return load_model_dir(cls, path) if path.is_dir() else load_checkpoint(cls, path, data_root)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write a self-contained model directory (weights, items, text vectors), atomically."""
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write a self-contained model directory (weights, items, text vectors), atomically.
+
+        A folder that is not a model directory written by unisrec-x is never replaced; an existing
+        model directory only with ``overwrite=True``.
+        """
         from unisrec_x.serving.model_dir import save_model_dir
 
-        return save_model_dir(self, Path(directory))
+        return save_model_dir(self, directory, overwrite)
 
-    def export(self, directory: str | Path) -> Path:
-        """Write the scored item matrix and a TorchScript sequence encoder, usable without this package."""
+    def export(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the scored item matrix and a TorchScript sequence encoder, usable without this package.
+
+        Refuses any existing folder but an export written by unisrec-x (replaced with ``overwrite=True``).
+        """
         from unisrec_x.serving.export import export
 
-        return export(self, Path(directory))
+        return export(self, directory, overwrite)
 
     def history_ids(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
         """Item tokens -> internal ids, every history checked: none unknown, none empty."""
         if len(histories) == 0:
             raise RequestError("no histories given")
         known = self.token_to_id
+        invalid = sorted({shown(t) for h in histories for t in h if not _is_utf8(t)})
+        if invalid:
+            raise RequestError(f"{len(invalid)} item id(s) are not valid UTF-8 (lone surrogate): "
+                               f"{', '.join(invalid[:20])}", invalid)
         unknown = sorted({t for h in histories for t in h if t not in known and t not in self.aliases})
         if unknown:
             raise RequestError(f"{len(unknown)} unknown item(s): {', '.join(unknown[:20])}", unknown)
@@ -181,38 +224,69 @@ class Recommender:
 
         Texts go through the model's own text encoder and adapter. A transductive model has no
         ID embedding for a new item, so its vector is the text part alone (its ID row is zero).
+        Every id and text is checked before anything changes, and the clash check and the append
+        are one locked step, so concurrent calls never add an id twice.
         """
         if not self.net.use_text:
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
         if not items:
             raise RequestError("no items given")
-        clash = sorted(t for t in items if t in self.token_to_id or t in self.aliases)
-        if clash:
-            raise KnownItemsError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
         tokens = list(items)
+        bad = [(t, why) for t in tokens if (why := id_problem(t))]
+        if bad:
+            raise RequestError(f"{len(bad)} invalid item id(s): " + "; ".join(f"{t!r}: {why}" for t, why in bad[:20]),
+                               [shown(str(t)) for t, _ in bad])
+        self._refuse_known(tokens)  # before encoding, which takes seconds
         texts = [clean_text(str(items[t])) for t in tokens]
         blank = [t for t, text in zip(tokens, texts) if not text]
         if blank:
             raise RequestError(f"{len(blank)} item(s) have empty text: {', '.join(blank[:20])}", blank)
-        features = torch.from_numpy(self.text_encoder().encode(texts))
+        broken = [t for t, text in zip(tokens, texts) if not _is_utf8(text)]
+        if broken:
+            raise RequestError(f"{len(broken)} item(s) have text that is not valid UTF-8 (lone surrogate): "
+                               f"{', '.join(broken[:20])}", broken)
+        features = self._encode(texts)
         with self.lock:
+            self._refuse_known(tokens)  # again: a concurrent call may have added one of them meanwhile
             self._append(tokens, texts, features)
         log.info("added %d items; the catalog now has %d", len(tokens), self.num_items)
         return tokens
 
+    def _refuse_known(self, tokens: list[str]) -> None:
+        clash = sorted(t for t in tokens if t in self.token_to_id or t in self.aliases)
+        if clash:
+            raise KnownItemsError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        """Text vectors (n, plm_dim), ``batch_size`` texts per forward pass (the encoder's activations
+        grow with texts x tokens), shortest first so that each batch pads to little more than its own."""
+        encoder = self.text_encoder()
+        size = self.text.batch_size if self.text is not None else 64
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = [encoder.encode([texts[i] for i in order[start:start + size]]) for start in range(0, len(order), size)]
+        stacked = np.concatenate(parts)
+        features = np.empty_like(stacked)
+        features[order] = stacked
+        return torch.from_numpy(features)
+
     def _append(self, tokens: list[str], texts: list[str], features: torch.Tensor) -> None:
+        """Grow every table by the new items; all is computed before anything is swapped in."""
         net = self.net
         with torch.inference_mode():
-            new_rows = net.adapter(features.to(torch.float32))  # text part; a new item has no trained ID
-            net.item_features = torch.cat([net.item_features, features.to(net.item_features)])
-        if net.item_embedding is not None:
+            features = features.to(torch.float32)
+            new_rows = torch.cat([net.adapter(part) for part in features.split(self.chunk_size)])  # text part only
+            item_features = torch.cat([net.item_features, features.to(net.item_features)])
+            table = torch.cat([self.table, new_rows])
+            candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
+        grown = None
+        if net.item_embedding is not None:  # a new item has no trained ID: its row is zero
             weight = net.item_embedding.weight.detach()
             grown = torch.nn.Embedding(len(weight) + len(tokens), weight.shape[1], padding_idx=0)
             grown.weight.data = torch.cat([weight, torch.zeros(len(tokens), weight.shape[1])])
-            net.item_embedding, net.num_items = grown, len(weight) - 1 + len(tokens)
-        with torch.inference_mode():
-            self.table = torch.cat([self.table, new_rows])
-            self.candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
+        net.item_features = item_features
+        if grown is not None:
+            net.item_embedding, net.num_items = grown, len(grown.weight) - 1
+        self.table, self.candidates = table, candidates
         for token, text in zip(tokens, texts):
             self.item_tokens.append(token)
             self.item_texts.append(text)
@@ -226,7 +300,7 @@ class Recommender:
             from unisrec_x.text.encoder import TextEncoder
 
             self._text_encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens,
-                                             self.text.batch_size)
+                                             self.text.batch_size, self.text.precision)
         return self._text_encoder
 
     def item_vectors(self) -> np.ndarray:

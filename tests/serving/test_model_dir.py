@@ -1,0 +1,192 @@
+"""Model directories: every damaged file is a DataError naming it, never a traceback or a silent load."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from unisrec_x.cli import main
+from unisrec_x.errors import DataError
+from unisrec_x.model.unisrec import UniSRec
+from unisrec_x.serving.recommender import Recommender, TextSettings
+
+TOKENS = ["a", "b", "c"]
+HISTORY = [["a", "b"], ["c"]]
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A tiny text model (3 items, 8-dim text vectors) saved as a model directory."""
+    torch.manual_seed(0)
+    net = UniSRec(num_items=3, plm_dim=8, hidden_dim=4, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2)
+    features = torch.randn(4, 8)
+    features[0] = 0
+    rec = Recommender(net, TOKENS, ["Alpha", "Beta", "Gamma"], features, TextSettings("enc"), aliases={"ASIN-A": "a"})
+    return rec.save(tmp_path / "model")
+
+
+def _edit_manifest(model, edit) -> None:
+    manifest = json.loads((model / "model.json").read_text())
+    edit(manifest)
+    (model / "model.json").write_text(json.dumps(manifest))
+
+
+def _refused(path, message, line=None):
+    with pytest.raises(DataError, match=message) as err:
+        Recommender.from_checkpoint(path.parent)  # every checked file lies in the model directory
+    assert err.value.path == str(path) and err.value.line == line
+    return err.value
+
+
+def test_saved_directory_loads_and_ranks_the_same(model):
+    again = Recommender.from_checkpoint(model)
+    assert again.item_tokens == TOKENS and again.alias_of == {"a": "ASIN-A"}
+    assert again.text == TextSettings("enc")
+    assert Recommender.from_checkpoint(again.save(model.parent / "copy")).recommend(HISTORY, k=3) == again.recommend(HISTORY, k=3)
+
+
+def _set(section, key, value):
+    return lambda m: (m[section] if section else m).__setitem__(key, value)
+
+
+def _drop(section, key):
+    return lambda m: (m[section] if section else m).pop(key)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop(None, "items"), r"model.json has missing keys items \(expected format, version, net, text, items\)"),
+    (_set(None, "extra", 1), "model.json has unknown keys extra"),
+    (_set(None, "version", 2), "not a unisrec-x-model v1 manifest"),
+    (_set("net", "n_heads", 7), "net: hidden_dim 4 is not divisible by n_heads 7"),
+    (_set("net", "n_heads", 0), r"net: model sizes out of range: n_heads=0 \(at least 1\)"),
+    (_set("net", "hidden_dim", "4"), r"net has arguments of the wrong type: hidden_dim='4' \(expected int\)"),
+    (_set("net", "n_layers", True), r"n_layers=True \(expected int\)"),
+    (_set("net", "use_text", 1), r"use_text=1 \(expected bool\)"),
+    (_set("net", "temperature", float("nan")), r"temperature=nan \(expected float\)"),
+    (_set("net", "similarity", "euclid"), r"similarity='euclid' \(expected 'cosine' or 'dot'\)"),
+    (_set("net", "n_head", 2), "net has unknown keys n_head"),
+    (_set(None, "net", [1, 2]), r"net is list \(expected an object of arguments\)"),
+    (_set("text", "tokens", 5), "text has unknown keys tokens"),
+    (_set("text", "max_tokens", "512"), r"max_tokens='512' \(expected int\)"),
+    (_set(None, "items", 4), r"model.json counts 4 items .* but items.item has 3"),
+    (_set(None, "items", "3"), "items '3' is not an integer"),
+])
+def test_bad_model_json_is_named(model, edit, message):
+    _edit_manifest(model, edit)
+    _refused(model / "model.json", message)
+
+
+def test_absent_net_arguments_take_their_defaults_and_must_fit_the_weights(model):
+    _edit_manifest(model, _drop("net", "gate_noise"))  # a default that fits: loads (older files keep working)
+    assert Recommender.from_checkpoint(model).item_tokens == TOKENS
+    _edit_manifest(model, _drop("net", "plm_dim"))  # the default 384 does not fit these 8-wide weights
+    _refused(model / "weights.pt", "weights do not fit the recorded network arguments")
+
+
+def test_model_json_that_is_not_utf8_or_not_json(model):
+    path = model / "model.json"
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b'"enc"', b'"\xff"'))
+    _refused(path, "bytes that are not UTF-8 at byte", line=raw[: raw.index(b'"enc"')].count(b"\n") + 1)
+    path.write_bytes(b'{"format": ')
+    _refused(path, "model.json is not valid JSON", line=1)
+    path.write_text("[1, 2]")
+    _refused(path, "not a unisrec-x-model v1 manifest")
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    _refused(path, "nested too deeply")
+
+
+def test_bad_weights_are_named(model):
+    path = model / "weights.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "adapter.experts.0.bias": 3}, path)
+    _refused(path, r"state_dict holds entries that are not named tensors: 'adapter.experts.0.bias'")
+    broken = dict(state)
+    broken["encoder.position.weight"] = broken["encoder.position.weight"].clone()
+    broken["encoder.position.weight"][1, 2] = float("nan")
+    torch.save(broken, path)
+    _refused(path, r"NaN or inf values: \['encoder.position.weight'\]")
+    path.write_bytes(b"")
+    _refused(path, r"truncated or corrupted \(file is empty \(0 bytes\)\)")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b""), r"cannot be read as a numeric .npy array \(.+\)"),
+    (lambda p: p.write_bytes(p.read_bytes()[:128]), r"cannot be read as a numeric .npy array \(.+\)"),  # header only
+    (lambda p: p.write_bytes(p.read_bytes()[:-5]), r"cannot be read as a numeric .npy array \(.+\)"),  # truncated data
+    (lambda p: np.save(p, np.array([None] * 4, dtype=object), allow_pickle=True), "Object arrays cannot be loaded"),
+    (lambda p: np.save(p, np.zeros((4, 8), np.int64)), r"has dtype int64 \(expected floating-point"),
+    (lambda p: np.save(p, np.zeros((4, 8), bool)), "has dtype bool"),
+    (lambda p: p.write_bytes(_npz_bytes()), r"an .npz archive \(expected one .npy array\)"),
+    (lambda p: np.save(p, np.full((4, 8), np.nan, np.float32)), r"row 0 \(the padding row\) has NaN or inf values \(4 rows"),
+    (lambda p: np.save(p, _with(np.ones((4, 8)), 2, np.inf)), r"row 2 \(item 'b'\) has NaN or inf values \(1 rows"),
+    (lambda p: np.save(p, _with(np.ones((4, 8)), 3, 1e300)), r"row 3 \(item 'c'\) has NaN or inf"),  # inf as float32
+    (lambda p: p.unlink(), "text model without item_features.npy"),
+])
+def test_bad_item_features_are_named(model, damage, message):
+    damage(model / "item_features.npy")
+    _refused(model / "item_features.npy", message)
+
+
+def _with(array, row, value):
+    array[row, 1] = value
+    return array
+
+
+def _npz_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, features=np.zeros((4, 8), np.float32))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [">f4", "<f8", ">f8", "<f2"])
+def test_float_features_of_any_width_and_byte_order_become_float32(model, dtype):
+    path = model / "item_features.npy"
+    features = np.load(path)
+    expected = Recommender.from_checkpoint(model).recommend(HISTORY, k=3)
+    np.save(path, features.astype(dtype))
+    loaded = Recommender.from_checkpoint(model)
+    assert loaded.net.item_features.dtype == torch.float32
+    if dtype != "<f2":  # half precision rounds the vectors, so only the exact widths must rank identically
+        assert [[r.item for r in recs] for recs in loaded.recommend(HISTORY, k=3)] == [[r.item for r in recs] for recs in expected]
+
+
+def test_corrupted_item_features_raise_only_data_error(model):
+    path = model / "item_features.npy"
+    good = path.read_bytes()
+    rng = random.Random(0)
+    damaged = [good[:n] for n in range(0, len(good), 7)]
+    for _ in range(150):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        damaged.append(bytes(data))
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            Recommender.from_checkpoint(model)
+        except DataError as err:
+            assert err.path == str(path)
+
+
+def test_repeated_items_and_aliases_name_the_line(model):
+    path = model / "items.item"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, "b\tBeta again\t"]) + "\n")
+    _refused(path, r"item 'b' appears a second time \(first on line 3; expected each once\)", line=5)
+    path.write_text("\n".join([*lines[:3], "c\tGamma\tASIN-A"]) + "\n")
+    _refused(path, r"alias 'ASIN-A' appears a second time \(first on line 2", line=4)
+
+
+def test_cli_prints_one_line_and_exits_2(model, capsys):
+    _edit_manifest(model, _set("net", "hidden_dim", "4"))
+    with pytest.raises(SystemExit) as done:
+        main(["recommend", "--ckpt", str(model), "--history", "a"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and len(err.splitlines()) == 1 and "model.json: net has arguments of the wrong type" in err
