@@ -1,5 +1,6 @@
 """Speed paths change no score: chunked ranking and top-K, chunked and subset item tables,
-length-bucketed padding, and the sampled softmax's arithmetic, each against the plain path."""
+length-bucketed padding, the sampled softmax's arithmetic, position-wise training and the chunked
+training loss, each against the plain path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import math
 import pytest
 import torch
 
+from tests.conftest import assert_close_f32
+from unisrec_x.data.positions import PositionExamples
 from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
 from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.lit.pretrain import PretrainModule
+from unisrec_x.losses import chunked_next_item_loss, info_nce, next_item_loss
 from unisrec_x.metrics import RankingMetrics, target_ranks
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.ranking import chunked_target_ranks, chunked_topk
@@ -46,7 +51,7 @@ def test_chunked_topk_equals_topk_with_and_without_exclusions(chunk):
     scores = query @ candidates.T
     top = scores.topk(10, dim=1)
     got_scores, got_index = chunked_topk(query, candidates, 10, chunk)
-    torch.testing.assert_close(got_scores, top.values, atol=1e-5, rtol=0)
+    assert_close_f32(got_scores, top.values)
     assert torch.equal(got_index, top.indices)
     exclude = torch.stack([torch.zeros(9, dtype=torch.long), top.indices[:, 0], torch.full((9,), -1)], dim=1)
     exclude[0, 0] = -1  # -1 excludes nothing
@@ -69,9 +74,9 @@ def test_chunked_and_subset_item_tables_equal_the_whole_table(use_text, use_item
     net = small_net(use_text, use_item_id)
     with torch.no_grad():
         whole = net.item_table()
-        torch.testing.assert_close(net.item_table(chunk_size=7), whole, atol=1e-5, rtol=0)
+        assert_close_f32(net.item_table(chunk_size=7), whole)
         ids = torch.tensor([[0, 5, 5], [50, 1, 2]])
-        torch.testing.assert_close(net.item_vectors(ids), whole[ids], atol=1e-5, rtol=0)
+        assert_close_f32(net.item_vectors(ids), whole[ids])
 
 
 def test_bucketed_padding_gives_the_scores_of_padding_everything_to_max_length():
@@ -91,7 +96,7 @@ def test_bucketed_padding_gives_the_scores_of_padding_everything_to_max_length()
             batch = examples[batch_index]
             assert batch.item_seq.shape[1] <= 20
             got = net.score(net.encode_sequences(batch.item_seq, batch.seq_len, table), table)
-            torch.testing.assert_close(got, expected[batch_index], atol=1e-5, rtol=0)
+            assert_close_f32(got, expected[batch_index])
 
 
 def test_module_evaluation_equals_plain_full_matrix_metrics():
@@ -133,3 +138,86 @@ def test_log_q_counts_in_batch_and_sampled_draws():
     drawn = popular.sample()
     assert set(drawn.tolist()) <= {1, 2, 3}  # never padding, never an item with no training target
     assert (drawn == 1).float().mean().item() == pytest.approx(0.6, abs=0.05)
+
+
+def _prefixes_and_windows(stride: int | None = 1):
+    """All prefix examples and all windows of the same sequences, some longer than max_seq_len (20) + 3."""
+    torch.manual_seed(5)
+    sequences = [torch.randint(1, 51, (int(n),)).numpy() for n in torch.randint(3, 60, (30,))]
+    prefixes = SequenceExamples(sequences, "train", max_seq_len=20)
+    windows = PositionExamples(sequences, max_seq_len=20, window_stride=stride)  # stride 1: the prefixes' histories
+    return prefixes[list(range(len(prefixes)))], windows[list(range(len(windows)))]
+
+
+@pytest.mark.parametrize("use_text, use_item_id, similarity", [(True, False, "cosine"), (True, True, "cosine"),
+                                                               (False, True, "dot")])
+def test_position_wise_loss_is_the_sum_of_the_prefix_losses(use_text, use_item_id, similarity):
+    net = small_net(use_text, use_item_id, similarity=similarity)  # eval(): no dropout, no gate noise
+    module = SeqRecModule(net, loss_chunk_rows=64)  # several chunks: the checkpointed path
+    prefixes, windows = _prefixes_and_windows()
+    targets = int((windows.target > 0).sum())
+    assert targets == len(prefixes.target) > 20 * 30 // 2
+    params = [p for p in net.parameters() if p.requires_grad]
+    prefix_sum = module.training_step(prefixes, 0) * len(prefixes.target)  # mean over examples, times their count
+    position_sum = module.training_step(windows, 0) * targets  # one pass per window, mean over its targets
+    assert position_sum.item() == pytest.approx(prefix_sum.item(), rel=1e-5)
+    grads = [torch.autograd.grad(loss, params, allow_unused=True) for loss in (position_sum, prefix_sum)]
+    for got, expected in zip(*grads):  # None for parameters only training mode uses (gate noise)
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert_close_f32(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_chunked_loss_equals_the_full_softmax_and_never_keeps_all_logits(chunk):
+    net = small_net()
+    torch.manual_seed(6)
+    seq_repr, target = torch.randn(40, 12, requires_grad=True), torch.randint(1, 51, (40,))
+    saved = []
+
+    def record(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    table = net.item_table()
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        chunked = chunked_next_item_loss(lambda rows: net.score(rows, table), seq_repr, target, chunk)
+    full = next_item_loss(net.score(seq_repr, table), target)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    for got, expected in zip(torch.autograd.grad(chunked, [seq_repr, table]), torch.autograd.grad(full, [seq_repr, table])):
+        assert_close_f32(got, expected)
+    assert max(saved) >= 40 * 50 if chunk == 40 else max(saved) < 40 * 50  # one chunk: plain, logits kept
+
+
+def test_sampled_loss_of_windows_equals_that_of_the_prefix_batch():
+    net = small_net()
+    prefixes, windows = _prefixes_and_windows()
+    module = SeqRecModule(net, loss="sampled", num_negatives=16, negative_sampling="popularity")
+    module.set_training_targets(prefixes.target)
+    torch.manual_seed(7)
+    prefix_loss = module.training_step(prefixes, 0)
+    torch.manual_seed(7)  # the same negatives
+    assert module.training_step(windows, 0).item() == pytest.approx(prefix_loss.item(), rel=1e-5)
+
+
+def test_pretraining_on_windows_keeps_both_tasks():
+    net = small_net(use_item_id=False)
+    prefixes, windows = _prefixes_and_windows(stride=None)
+    # sequence-item: InfoNCE over the batch's targets, whichever example carries them
+    windows_exact = _prefixes_and_windows(stride=1)[1]
+    seq_item = PretrainModule(net, lambda_seq_seq=0).training_step(windows_exact, 0)
+    assert seq_item.item() == pytest.approx(PretrainModule(net, lambda_seq_seq=0).training_step(prefixes, 0).item(), rel=1e-5)
+    # sequence-sequence: each window's whole history against its augmented view, once per window
+    module = PretrainModule(net, lambda_seq_seq=0.5)
+    torch.manual_seed(8)
+    both = module.training_step(windows, 0)
+    torch.manual_seed(8)
+    table = net.item_table()
+    view_emb, view_len = module.view(windows, table)  # the same item-drop draws
+    has_target = windows.target > 0
+    seq_item = info_nce(net.encoder.hidden_states(table[windows.item_seq])[has_target], table[windows.target[has_target]],
+                        net.temperature, same_target=windows.target[has_target])
+    last_target = windows.target[torch.arange(len(windows.seq_len)), windows.seq_len - 1]
+    seq_seq = info_nce(net.encode_sequences(windows.item_seq, windows.seq_len, table), net.encoder(view_emb, view_len),
+                       net.temperature, same_target=last_target)
+    assert both.item() == pytest.approx((seq_item + 0.5 * seq_seq).item(), rel=1e-5)

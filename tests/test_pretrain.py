@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,14 @@ def test_ddp_two_processes_see_different_batches_and_end_identical(real_root, ti
     assert len(ranks[0]["targets"]) == len(ranks[1]["targets"]) == 4
     assert ranks[0]["targets"] != ranks[1]["targets"]
     torch.testing.assert_close(torch.tensor(ranks[0]["weights"]), torch.tensor(ranks[1]["weights"]))
+
+
+def test_position_wise_pretraining_on_long_histories(real_root, tiny_encoder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the saved config.yaml goes to ./runs
+    caplog.set_level(logging.INFO, logger="unisrec_x.data.datamodule")
+    main(["fit", "-c", PRETRAIN, *QUIET, "--data.max_users", "40", "--data.dataset", "[office, ml-100k]",
+          "--data.batch_size", "256", "--data.training_examples", "positions", "--data.text_encoder", tiny_encoder,
+          "--data.data_root", str(real_root), "--trainer.fast_dev_run", "2", "--trainer.logger", "false"])
+    windows, targets = map(int, re.search(r"train: (\d+) windows hold (\d+) targets", caplog.text).groups())
+    assert targets > 10 * windows  # ML-100k users have ~100 items: one pass trains dozens of targets

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import read_state_dict
-from unisrec_x.lit.guards import NonFiniteLossError, RNGStateCheckpoint
+from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
@@ -74,7 +74,7 @@ def trainer_defaults() -> dict:
         "use_distributed_sampler": False,  # the DataModule shards its own length-bucketed batches
         "callbacks": [
             EarlyStopping(monitor=MONITOR, mode="max", patience=10),
-            ModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
+            ResumingModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
             TestMetricsWriter(),
             RNGStateCheckpoint(),
         ],

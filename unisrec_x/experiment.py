@@ -56,7 +56,20 @@ TRANSFER = FOUNDATION + [
         ["-c", "configs/transfer/finetune_transductive.yaml", "--model.init_args.freeze_encoder", "false", *_PRETRAINED],
         uses_pretrained=True),
 ]
-EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER}
+_POSITIONS, _PREFIXES = ["--data.training_examples", "positions"], ["--data.training_examples", "prefixes"]
+#: Issue 13: one pass per sequence (every position a target) vs one example per prefix; bucketing on vs off.
+SCHEMES = [
+    Arm("sasrec_prefixes", "SASRec-ID, one example per prefix", ["-c", "configs/scientific/sasrec.yaml", *_PREFIXES]),
+    Arm("sasrec_positions", "SASRec-ID, every position of a sequence in one pass",
+        ["-c", "configs/scientific/sasrec.yaml", *_POSITIONS]),
+    Arm("sasrec_positions_unbucketed", "SASRec-ID, positions, no length bucketing",
+        ["-c", "configs/scientific/sasrec.yaml", *_POSITIONS, "--data.length_bucketing", "false"]),
+    Arm("transductive_prefixes", "UniSRec transductive, one example per prefix",
+        ["-c", "configs/scientific/unisrec_transductive.yaml", *_PREFIXES]),
+    Arm("transductive_positions", "UniSRec transductive, every position in one pass",
+        ["-c", "configs/scientific/unisrec_transductive.yaml", *_POSITIONS]),
+]
+EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER, "schemes": SCHEMES}
 #: ``--quick``: real data, smaller: the first 3,000 Scientific users (their items only) and at most 6 epochs.
 QUICK_ARGS = ["--trainer.max_epochs", "6", "--data.max_users", "3000"]
 QUICK_TEST_ARGS = ["--data.max_users", "3000"]
@@ -102,6 +115,7 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
     result = json.loads((run_dir / "test_metrics.json").read_text())
     return {"metrics": result["metrics"], "wall_s": round(wall, 1), "fit_s": result["fit_seconds"],
             "epochs": result["epochs_trained"] if arm.subcommand == "fit" else 0, "command": shlex.join(cmd),
+            "peak_rss_mb": result.get("peak_rss_mb"),
             "log": str(run_dir / "metrics.csv")}
 
 

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def next_item_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Full softmax over the catalog: logits (B, N) for items 1..N, target (B,) item ids."""
     return F.cross_entropy(logits, target - 1)
+
+
+def chunked_next_item_loss(score: Callable[[torch.Tensor], torch.Tensor], seq_repr: torch.Tensor,
+                           target: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """``next_item_loss(score(seq_repr), target)`` with at most ``chunk_rows`` x N logits alive at once.
+
+    A position-wise batch has M targets (every position of every window), and M x N logits may not
+    fit. Each chunk's loss is checkpointed: its logits are dropped after the forward pass and
+    recomputed in backward, so neither pass holds more than one chunk's. Up to ``chunk_rows`` rows
+    this is exactly ``next_item_loss``.
+
+    Args:
+        score: sequence vectors (R, D) -> logits (R, N) for items 1..N (``UniSRec.score`` with its table).
+        seq_repr: (M, D) one sequence vector per target.
+        target: (M,) item ids.
+        chunk_rows: rows of logits computed at a time.
+    """
+    if len(target) <= chunk_rows:
+        return next_item_loss(score(seq_repr), target)
+    total = sum(checkpoint(_summed_next_item_loss, score, seq_repr[start:start + chunk_rows],
+                           target[start:start + chunk_rows], use_reentrant=False)
+                for start in range(0, len(target), chunk_rows))
+    return total / len(target)  # the mean over all targets, as next_item_loss
+
+
+def _summed_next_item_loss(score: Callable[[torch.Tensor], torch.Tensor], seq_repr: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
+    return next_item_loss(score(seq_repr), target) * len(target)
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, temperature: float,

@@ -52,3 +52,38 @@ def test_sampler_shards_are_disjoint_and_equal_across_ranks():
     shards = [list(LengthBucketBatchSampler(lengths, 32, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1])
     assert not set(i for b in shards[0] for i in b) & set(i for b in shards[1] for i in b)
+
+
+def _scientific_sized_lengths():
+    """History lengths of every training prefix of 8,442 users with ~4 train targets each (Scientific: 34,101)."""
+    rng = np.random.default_rng(0)
+    targets = 1 + rng.geometric(1 / 3.04, size=8442)
+    return torch.from_numpy(np.minimum(np.concatenate([np.arange(1, t + 1) for t in targets]), 50))
+
+
+def _profile(lengths, batches):
+    """Each batch's histogram of history lengths, as a sorted list: which length slices the epoch was cut into."""
+    return sorted(tuple(torch.bincount(lengths[b], minlength=51).tolist()) for b in batches)
+
+
+def test_default_pools_cut_other_batches_every_epoch():
+    lengths = _scientific_sized_lengths()
+    whole_epoch_pool = LengthBucketBatchSampler(lengths, 2048, pool_batches=50, seed=0)  # the old setting
+    epochs = []
+    for epoch in (0, 1):
+        whole_epoch_pool.set_epoch(epoch)
+        epochs.append(list(whole_epoch_pool))
+    # one pool holds the whole epoch: it is sorted, and every epoch has the same length slices
+    assert _profile(lengths, epochs[0]) == _profile(lengths, epochs[1])
+    assert sum(lengths[b].max().item() == 1 for b in epochs[0]) == 4  # 4 batches of 1-item histories only
+    sampler = LengthBucketBatchSampler(lengths, 2048, seed=0)  # default pools of a few batches
+    first, second = list(sampler), (sampler.set_epoch(1), list(sampler))[1]
+    assert _profile(lengths, first) != _profile(lengths, second)
+    assert not {frozenset(b) for b in first} & {frozenset(b) for b in second}
+    for epoch in (first, second):
+        # the 1-item histories are spread over more batches (one run of them per pool), fewer batches hold only them
+        assert sum(lengths[b].min().item() == 1 for b in epoch) > 5
+        assert sum(lengths[b].max().item() == 1 for b in epoch) < 4
+        assert sorted(i for b in epoch for i in b) == list(range(len(lengths)))
+        # still bucketed: most batches pad to far less than the longest history
+        assert np.median([lengths[b].max().item() for b in epoch]) <= 10

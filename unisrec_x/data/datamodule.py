@@ -17,12 +17,13 @@ from unisrec_x.data.augment import drop_words
 from unisrec_x.data.domain import MissingText, first_users, load_domain, without_items
 from unisrec_x.data.interactions import Duplicates
 from unisrec_x.data.multidomain import MergedDomains, merge_domains
+from unisrec_x.data.positions import PositionExamples, TrainingExamples
 from unisrec_x.data.prepare import SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
 from unisrec_x.errors import DataError
 from unisrec_x.paths import resolve_data_path
 from unisrec_x.text.cache import FeatureCache
-from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, encoder_dim
+from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, Precision, encoder_dim
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ class SeqRecDataModule(pl.LightningDataModule):
                  max_seq_len: int = 50, batch_size: int = 2048, eval_batch_size: int = 1024,
                  length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
-                 seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None) -> None:
+                 text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
+                 training_examples: TrainingExamples = "prefixes", window_stride: int | None = None,
+                 bucket_pool_batches: int = 4) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -58,7 +61,9 @@ class SeqRecDataModule(pl.LightningDataModule):
             dedupe: keep each (user, item) once in plain ``.inter`` files (event logs).
             duplicates: exact duplicate rows in ``.inter`` files: ``keep``, ``drop`` or ``error`` (always counted).
             max_seq_len: histories keep their last ``max_seq_len`` items.
-            batch_size: training examples per step.
+            batch_size: training targets per step (one per prefix example; a window carries several,
+                and batches are cut to about this many targets, at least 4 windows' worth, so steps per
+                epoch and the loss scale carry over between schemes).
             eval_batch_size: rows per evaluation step.
             length_bucketing: batch training examples of similar length (pads less; same examples per epoch).
             max_users: use only the first users (and their items): a real slice for quick runs.
@@ -66,10 +71,21 @@ class SeqRecDataModule(pl.LightningDataModule):
             pooling: ``cls`` (UniSRec) or ``mean``.
             max_text_tokens: token limit per item text.
             encode_batch_size: texts per encoder forward pass.
+            text_precision: the encoder's ``float32`` (exact) or ``bfloat16`` (faster on CPUs with native
+                bf16; vectors within cosine 0.999; cached apart).
             seed: shuffling seed.
             word_drop_prob: share of words dropped from each text for the word-drop view (pretraining).
             exclude_items: item tokens removed from the catalog and every history (held out, e.g. to
                 add them back later through ``Recommender.add_items``).
+            training_examples: ``prefixes``: one example per (history, next item), encoded separately
+                (RecBole/UniSRec); ``positions``: one example per sequence window with a target at every
+                position, so one causal pass trains every prefix (SASRec). Same targets; see
+                ``PositionExamples`` for histories longer than ``max_seq_len``. Evaluation is unchanged.
+            window_stride: ``positions`` only: step between a long sequence's windows (default
+                ``max_seq_len // 2``; 1 reproduces the prefix scheme's histories exactly).
+            bucket_pool_batches: with ``length_bucketing``, batches per length-sorted pool. Small pools
+                keep batches random across epochs (a pool of the whole epoch would cut the same length
+                slices every epoch); larger ones pad less.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -88,8 +104,12 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.word_drop_prob = word_drop_prob
         self.max_seq_len, self.batch_size, self.eval_batch_size = max_seq_len, batch_size, eval_batch_size
         self.length_bucketing, self.seed = length_bucketing, seed
-        self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size)
-        self._splits: dict[str, SequenceExamples] = {}
+        if training_examples not in ("prefixes", "positions"):
+            raise ValueError(f"training_examples must be 'prefixes' or 'positions', got {training_examples!r}")
+        self.training_examples, self.window_stride = training_examples, window_stride
+        self.bucket_pool_batches = bucket_pool_batches
+        self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
+        self._splits: dict[str, SequenceExamples | PositionExamples] = {}
         for d in domains:
             log.info("%s: %d users, %d items, %d interactions", d.name, len(d.users), d.num_items, sum(map(len, d.sequences)))
 
@@ -110,7 +130,7 @@ class SeqRecDataModule(pl.LightningDataModule):
     def word_drop_features(self) -> torch.Tensor:
         """Like ``item_features``, for texts with ``word_drop_prob`` of their words dropped (seeded, cached)."""
         cache = FeatureCache(self.cache.encoder, self.cache.pooling, self.cache.max_length, self.cache.batch_size,
-                             variant=f"word_drop-{self.word_drop_prob}-seed{self.seed}")
+                             variant=f"word_drop-{self.word_drop_prob}-seed{self.seed}", precision=self.cache.precision)
         return self._features(cache, lambda texts: [drop_words(t, self.word_drop_prob, random.Random(self.seed + i))
                                                     for i, t in enumerate(texts)])
 
@@ -118,14 +138,21 @@ class SeqRecDataModule(pl.LightningDataModule):
         parts = [cache.get(transform(d.item_texts), name=d.name.lower()) for d in self.data.domains]
         return torch.from_numpy(np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts]))
 
-    def examples(self, split: Split) -> SequenceExamples:
-        if split not in self._splits:
+    def examples(self, split: Split) -> SequenceExamples | PositionExamples:
+        """A split's examples: training windows under ``training_examples="positions"``, else prefixes."""
+        if split in self._splits:
+            return self._splits[split]
+        if split == "train" and self.training_examples == "positions":
+            data = PositionExamples(self.data.sequences, self.max_seq_len, self.window_stride, self.data.sequence_domain)
+            log.info("train: %d windows hold %d targets; %d of these see a shorter history than as prefix examples "
+                     "(window_stride=%d)", len(data), len(data.targets), data.shortened, data.stride)
+        else:
             data = SequenceExamples(self.data.sequences, split, self.max_seq_len, self.data.sequence_domain)
             if data.truncated:
                 log.info("%s: %d of %d histories are longer than max_seq_len=%d and keep their last %d items",
                          split, data.truncated, len(data), self.max_seq_len, self.max_seq_len)
-            self._splits[split] = data
-        return self._splits[split]
+        self._splits[split] = data
+        return data
 
     def _generator(self) -> torch.Generator:
         # Each loader has its own generator: otherwise every new iterator draws a seed from the
@@ -133,11 +160,13 @@ class SeqRecDataModule(pl.LightningDataModule):
         return torch.Generator().manual_seed(self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, length-bucketed batches, sharded across DDP ranks; resumable mid-epoch."""
+        """Shuffled, length-bucketed batches of ~``batch_size`` targets, sharded across DDP ranks; resumable mid-epoch."""
         data = self.examples("train")
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        weights = data.target_count if isinstance(data, PositionExamples) else None
         sampler = LengthBucketBatchSampler(data.hist_len, self.batch_size, shuffle=True, seed=self.seed,
-                                           pool_batches=50 if self.length_bucketing else 1, rank=rank, world_size=world)
+                                           pool_batches=self.bucket_pool_batches if self.length_bucketing else 1,
+                                           rank=rank, world_size=world, weights=weights)
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
         return ResumableLoader(data, sampler, lambda: progress.processed if progress else 0, self._generator())
 

@@ -82,21 +82,46 @@ class SequenceExamples(torch.utils.data.Dataset):
 class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Shuffled batches of similar history length, so a batch pads to ~its own length.
 
-    Examples are shuffled, cut into pools of ``pool_batches`` batches, sorted by length
-    inside a pool and batched; batch order is shuffled again. With ``pool_batches=1``
-    this is plain random batching.
+    Examples are shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside a
+    pool and cut into batches; batch order is shuffled again. With ``pool_batches=1`` this is plain
+    random batching. Pools are kept small (a few batches): a pool as large as the epoch would sort
+    the whole epoch, so every epoch would repeat the same length slices (only their order random).
+
+    ``weights`` (training targets per example; position-wise windows carry several) make batches
+    hold about ``batch_size`` targets rather than examples. Every epoch must have the same number
+    of batches (Lightning and mid-epoch resume rely on it), which cutting after every
+    ``batch_size`` targets would not give: cuts fall at equal shares of the targets instead,
+    first of the shuffled epoch (pools), then of each sorted pool (batches).
     """
 
-    def __init__(self, lengths: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 pool_batches: int = 50, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, lengths: torch.Tensor, batch_size: int, shuffle: bool = True, pool_batches: int = 4,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None) -> None:
+        """
+        Args:
+            lengths: (N,) padded width each example needs.
+            batch_size: examples per batch; with ``weights``, targets (at least 4 times the heaviest
+                example's, so that no batch comes out empty).
+            shuffle: ``False`` (evaluation): sorted by length, plain ``batch_size`` cuts, weights unused.
+            pool_batches: batches per length-sorted pool.
+            seed: with the epoch, fixes each epoch's batches (so a resumed epoch repeats them).
+            rank: this process's DDP rank.
+            world_size: DDP processes; each takes an equal share of the batches.
+            weights: (N,) targets per example (default 1 each).
+        """
         self.lengths = lengths
+        self.weights = None if weights is None else weights.to(torch.long)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.pool = max(1, pool_batches) * batch_size
+        self.pool_batches = max(1, pool_batches)
         self.seed = seed
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already trained before a resume
         self.rank, self.world_size = rank, world_size
+        if self.weights is not None:
+            # Cuts at equal target shares leave no batch empty while a share holds >= 2 of the heaviest
+            # examples; a budget of 4 of them gives that for every batch count (share > budget / 2).
+            total, heaviest = int(self.weights.sum()), int(self.weights.max()) if len(lengths) else 1
+            self.num_batches = -(-total // max(batch_size, 4 * heaviest))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,18 +131,37 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self.skip = epoch, batches_done
 
     def _batches(self) -> list[torch.Tensor]:
-        n = len(self.lengths)
         if not self.shuffle:
             order = torch.argsort(self.lengths, stable=True)
             return list(order.split(self.batch_size))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=gen)
-        batches: list[torch.Tensor] = []
-        for pool in order.split(self.pool):
-            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
-            batches.extend(pool.split(self.batch_size))
+        order = torch.randperm(len(self.lengths), generator=gen)
+        batches = self._cut(order) if self.weights is None else self._cut_weighted(order)
         perm = torch.randperm(len(batches), generator=gen)
         return [batches[i] for i in perm]
+
+    def _cut(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """Pools of ``pool_batches * batch_size`` shuffled examples, each sorted and cut every ``batch_size``."""
+        batches: list[torch.Tensor] = []
+        for pool in order.split(self.pool_batches * self.batch_size):
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(pool.split(self.batch_size))
+        return batches
+
+    def _cut_weighted(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """``num_batches`` batches of about equal weight: equal-share pools, each sorted and cut into equal shares."""
+        count, pool_size = self.num_batches, self.pool_batches
+        if count == 0:
+            return []
+        slot = _equal_shares(self.weights[order], torch.tensor([count]))  # batch slot in the shuffled epoch
+        pool = slot // pool_size
+        # sort by length inside each pool (stable: ties keep the shuffled order)
+        key = pool * (int(self.lengths.max()) + 1) + self.lengths[order]
+        sort = torch.argsort(key, stable=True)
+        order, pool = order[sort], pool[sort]
+        slots_in_pool = torch.clamp(count - torch.arange(-(-count // pool_size)) * pool_size, max=pool_size)
+        batch = pool * pool_size + _equal_shares(self.weights[order], slots_in_pool, pool)
+        return list(order.split(torch.bincount(batch, minlength=count).tolist()))
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
@@ -132,9 +176,26 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         n = len(self.lengths)
         if not self.shuffle:
             count = -(-n // self.batch_size)
+        elif self.weights is not None:
+            count = self.num_batches
         else:
-            count = sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
+            pool = self.pool_batches * self.batch_size
+            count = sum(-(-min(pool, n - s) // self.batch_size) for s in range(0, n, pool))
         return count // self.world_size if self.world_size > 1 else count
+
+
+def _equal_shares(weights: torch.Tensor, parts: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+    """Cut weighted examples into ``parts[g]`` runs of about equal weight per group g (groups consecutive).
+
+    Example i goes to part floor(w_before_i * parts / W) of its group (w_before_i: the group's
+    weight before it, W: the group's total), so every part is non-empty while no example outweighs
+    a part.
+    """
+    group = torch.zeros_like(weights) if group is None else group
+    group_total = torch.zeros(len(parts), dtype=torch.long).index_add_(0, group, weights)  # (G,), none empty
+    before = torch.cumsum(weights, 0) - weights
+    before = before - (torch.cumsum(group_total, 0) - group_total)[group]
+    return before * parts[group] // group_total[group]
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -144,7 +205,7 @@ class ResumableLoader(torch.utils.data.DataLoader):
     epoch from its start.
     """
 
-    def __init__(self, dataset: SequenceExamples, sampler: LengthBucketBatchSampler,
+    def __init__(self, dataset: torch.utils.data.Dataset, sampler: LengthBucketBatchSampler,
                  batches_done: Callable[[], int], generator: torch.Generator | None = None) -> None:
         super().__init__(dataset, sampler=sampler, batch_size=None, generator=generator)  # the sampler yields whole batches
         self._batches_done = batches_done

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RNGStateCheckpoint(pl.Callback):
@@ -19,6 +20,20 @@ class RNGStateCheckpoint(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+class ResumingModelCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that keeps the run's best score when a resumed run logs into a new folder.
+
+    ``--ckpt_path`` resumes into a new ``version_N`` folder, and Lightning then drops the best score
+    so far ("dirpath has changed"): the first validation after the resume counts as best even when
+    it only ties an earlier one, so the test would run on other weights than an uninterrupted run's.
+    The checkpoint is of this very run, so its scores are kept. Files in the old folder are never
+    deleted (Lightning removes only files inside the current one, and never the one resumed from).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -7,11 +7,12 @@ from typing import Iterable, Literal
 import lightning.pytorch as pl
 import torch
 
+from unisrec_x.data.positions import PositionBatch
 from unisrec_x.data.sequences import SeqBatch
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import load_pretrained
 from unisrec_x.lit.guards import check_finite
-from unisrec_x.losses import next_item_loss
+from unisrec_x.losses import chunked_next_item_loss
 from unisrec_x.metrics import RankingMetrics
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.ranking import DEFAULT_CHUNK, chunked_target_ranks
@@ -23,7 +24,8 @@ class SeqRecModule(pl.LightningModule):
 
     def __init__(self, net: UniSRec, ks: list[int] | None = None, pretrained: str | None = None,
                  freeze_encoder: bool = False, loss: Literal["full", "sampled"] = "full", num_negatives: int = 1024,
-                 negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK) -> None:
+                 negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
+                 loss_chunk_rows: int = 4096) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -36,6 +38,9 @@ class SeqRecModule(pl.LightningModule):
             num_negatives: extra negatives per step for the sampled loss.
             negative_sampling: ``uniform`` or ``popularity`` negatives for the sampled loss.
             eval_chunk_size: items scored at a time in evaluation (and adapted at a time), bounding memory.
+            loss_chunk_rows: full softmax: targets whose logits over the catalog are computed at a time in
+                training (position-wise batches have one target per position), bounding memory to
+                ``loss_chunk_rows`` x N.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -47,7 +52,7 @@ class SeqRecModule(pl.LightningModule):
         if loss not in ("full", "sampled"):
             raise ValueError(f"loss must be 'full' or 'sampled', got {loss!r}")
         self.loss, self.num_negatives, self.negative_sampling = loss, num_negatives, negative_sampling
-        self.eval_chunk_size = eval_chunk_size
+        self.eval_chunk_size, self.loss_chunk_rows = eval_chunk_size, loss_chunk_rows
         self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
         self._eval_table: torch.Tensor | None = None
@@ -72,29 +77,41 @@ class SeqRecModule(pl.LightningModule):
             counts = torch.bincount(targets, minlength=self.net.num_items + 1)
             self.sampler = NegativeSampler(counts, self.num_negatives, self.negative_sampling)
 
-    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
         if self.loss == "sampled":
             loss = self._sampled_loss(batch)
         else:
             table = self.net.item_table()  # (N + 1, D), once per step
-            seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
-            loss = next_item_loss(self.net.score(seq_repr, table), batch.target)
+            seq_repr, target = self.training_queries(batch, table[batch.item_seq])
+            loss = chunked_next_item_loss(lambda rows: self.net.score(rows, table), seq_repr, target, self.loss_chunk_rows)
         check_finite(loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
+        self.log("train/loss", loss, prog_bar=True, batch_size=int((batch.target > 0).sum()))
         return loss
 
-    def _sampled_loss(self, batch: SeqBatch) -> torch.Tensor:
+    def training_queries(self, batch: SeqBatch | PositionBatch, item_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """History vectors (B, L, D) -> the sequence vector of every training target (M, D), and the targets (M,).
+
+        A prefix batch has one target per row, read at its last position. A position-wise batch has
+        one at each marked position of each window: one causal pass encodes all of its prefixes, and
+        the loss is then the mean over the M targets, as over a prefix batch's rows.
+        """
+        if isinstance(batch, PositionBatch):
+            has_target = batch.target > 0  # (B, L)
+            return self.net.encoder.hidden_states(item_emb)[has_target], batch.target[has_target]  # (B, L, D) -> (M, D)
+        return self.net.encoder(item_emb, batch.seq_len), batch.target
+
+    def _sampled_loss(self, batch: SeqBatch | PositionBatch) -> torch.Tensor:
         """Adapt only the items this batch touches (histories, targets, negatives), then sampled softmax."""
         if self.sampler is None:
             raise RuntimeError("loss='sampled' needs item popularity: train through a SeqRecDataModule")
-        candidates = torch.cat([batch.target, self.sampler.sample(batch.target.device)])
+        target = batch.target[batch.target > 0]  # (M,): the in-batch candidates, one per training target
+        candidates = torch.cat([target, self.sampler.sample(target.device)])
         ids, where = torch.unique(torch.cat([batch.item_seq.flatten(), candidates]), return_inverse=True)
         vectors = self.net.item_vectors(ids)  # (U, D)
         history = vectors[where[:batch.item_seq.numel()]].view(*batch.item_seq.shape, -1)
-        seq_repr = self.net.encoder(history, batch.seq_len)
+        seq_repr, _ = self.training_queries(batch, history)
         logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(vectors[where[batch.item_seq.numel():]]).T
-        return sampled_softmax_loss(logits, candidates, batch.target,
-                                    self.sampler.log_expected_count(candidates, len(batch.target)))
+        return sampled_softmax_loss(logits, candidates, target, self.sampler.log_expected_count(candidates, len(target)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from unisrec_x.data.augment import item_drop, word_drop_positions
+from unisrec_x.data.positions import PositionBatch
 from unisrec_x.data.sequences import SeqBatch
 from unisrec_x.lit.guards import check_finite
 from unisrec_x.lit.module import SeqRecModule
@@ -17,6 +18,10 @@ class PretrainModule(SeqRecModule):
 
     Evaluation (full ranking on the sources' valid rows) is inherited: it monitors transfer-free
     next-item quality while pretraining.
+
+    With position-wise batches the sequence-item task has a query at every target position,
+    against the batch's targets; the sequence-sequence task compares each window's full history
+    (its last position) with its augmented view, once per window.
     """
 
     def __init__(self, net: UniSRec, lambda_seq_seq: float = 1e-3, item_drop_view_prob: float = 0.9,
@@ -42,7 +47,7 @@ class PretrainModule(SeqRecModule):
         if needs_word_drop and self.datamodule is not None:
             self.word_drop_features = self.datamodule.word_drop_features.to(self.device)
 
-    def view(self, batch: SeqBatch, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(self, batch: SeqBatch | PositionBatch, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented history vectors (B, L, D) and lengths: item drop for most rows, word drop for the rest."""
         dropped, dropped_len = item_drop(batch.item_seq, batch.seq_len, self.hparams.item_keep_prob)
         emb = table[dropped]
@@ -55,19 +60,22 @@ class PretrainModule(SeqRecModule):
         emb = torch.where(use_item_drop.view(-1, 1, 1), emb, word_emb)
         return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
 
-    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
         table = self.net.item_table()
-        seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, table)
+        seq_repr, target = self.training_queries(batch, table[batch.item_seq])  # (M, D), (M,)
         temperature = self.net.temperature
         # Rows that share a next item are not negatives of each other in either task.
-        loss_seq_item = info_nce(seq_repr, table[batch.target], temperature, same_target=batch.target)
+        loss_seq_item = info_nce(seq_repr, table[target], temperature, same_target=target)
         loss = loss_seq_item
         if self.hparams.lambda_seq_seq > 0:
+            # each row's last target: its whole history (every row of a prefix batch)
+            last = (batch.target > 0).sum(1).cumsum(0) - 1 if isinstance(batch, PositionBatch) else slice(None)
             view_emb, view_len = self.view(batch, table)
-            loss_seq_seq = info_nce(seq_repr, self.net.encoder(view_emb, view_len), temperature, same_target=batch.target)
+            loss_seq_seq = info_nce(seq_repr[last], self.net.encoder(view_emb, view_len), temperature,
+                                    same_target=target[last])
             loss = loss + self.hparams.lambda_seq_seq * loss_seq_seq
-            self.log("train/seq_seq", loss_seq_seq, batch_size=len(batch.target))
+            self.log("train/seq_seq", loss_seq_seq, batch_size=len(batch.seq_len))
         check_finite(loss, self.global_step)
-        self.log("train/seq_item", loss_seq_item, batch_size=len(batch.target))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.target))
+        self.log("train/seq_item", loss_seq_item, batch_size=len(target))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss

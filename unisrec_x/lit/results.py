@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,12 @@ log = logging.getLogger(__name__)
 def run_dir(trainer: pl.Trainer) -> Path:
     """The logger's version folder (where metrics.csv lives), or the root dir without a logger."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024)
 
 
 class TestMetricsWriter(pl.Callback):
@@ -40,7 +48,8 @@ class TestMetricsWriter(pl.Callback):
         metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in trainer.callback_metrics.items()
                    if k.startswith("test/")}
         payload = {"metrics": metrics, "checkpoint": trainer.ckpt_path, "epochs_trained": trainer.current_epoch,
-                   "fit_seconds": None if self.fit_seconds is None else round(self.fit_seconds, 1)}
+                   "fit_seconds": None if self.fit_seconds is None else round(self.fit_seconds, 1),
+                   "peak_rss_mb": peak_rss_mb()}
         path = run_dir(trainer) / self.filename
         atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
         log.info("test metrics written to %s", path)

@@ -65,13 +65,22 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """item_emb (B, L, D), seq_len (B,) -> sequence vectors (B, D)."""
+        x = self.hidden_states(item_emb)
+        return x[torch.arange(x.shape[0], device=x.device), seq_len - 1]  # (B, L, D) -> (B, D)
+
+    def hidden_states(self, item_emb: torch.Tensor) -> torch.Tensor:
+        """item_emb (B, L, D) -> output at every position (B, L, D).
+
+        Under the causal mask position t is the sequence vector of the history ending at t, so
+        one pass gives every prefix's vector (position-wise training, SASRec-style).
+        """
         length = item_emb.shape[1]
         if length > self.position.num_embeddings:
             raise ValueError(f"history of length {length} is longer than max_seq_len {self.position.num_embeddings}")
         x = self.dropout(self.input_norm(item_emb + self.position.weight[:length]))
         for layer in self.layers:
             x = layer(x)
-        return x[torch.arange(x.shape[0], device=x.device), seq_len - 1]  # (B, L, D) -> (B, D)
+        return x
 
 
 def _init_weights(module: nn.Module) -> None:

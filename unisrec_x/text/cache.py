@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from unisrec_x.paths import atomic_write_bytes, cache_dir
-from unisrec_x.text.encoder import Pooling, TextEncoder, encoder_identity
+from unisrec_x.text.encoder import Pooling, Precision, TextEncoder, encoder_identity
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class FeatureCache:
     """Looks up, validates and (re)builds the feature matrix for one list of texts."""
 
     def __init__(self, encoder: str, pooling: Pooling = "cls", max_length: int = 512, batch_size: int = 64,
-                 root: str | Path | None = None, variant: str = "clean") -> None:
+                 root: str | Path | None = None, variant: str = "clean", precision: Precision = "float32") -> None:
         """
         Args:
             encoder: encoder name or path (see ``TextEncoder``).
@@ -55,15 +55,17 @@ class FeatureCache:
             batch_size: texts per forward pass when encoding.
             root: cache folder (default ``$UNISREC_X_CACHE`` or ``~/.cache/unisrec-x``).
             variant: names what was done to the texts before encoding (e.g. word drop), kept in the key.
+            precision: the encoder's ``float32`` or ``bfloat16`` (kept in the key when not float32, so
+                float32 keys are those of earlier versions).
         """
         self.encoder, self.pooling, self.max_length, self.batch_size = encoder, pooling, max_length, batch_size
         self.root = Path(root) if root is not None else cache_dir() / "text-features"
-        self.variant = variant
+        self.variant, self.precision = variant, precision
 
     def key(self, texts: Sequence[str]) -> dict:
         return {"format": FORMAT_VERSION, "encoder": encoder_identity(self.encoder), "pooling": self.pooling,
                 "max_length": self.max_length, "variant": self.variant, "texts_sha256": texts_digest(texts),
-                "num_texts": len(texts)}
+                "num_texts": len(texts), **({"precision": self.precision} if self.precision != "float32" else {})}
 
     def paths(self, key: dict, name: str) -> tuple[Path, Path]:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -125,7 +127,8 @@ class FeatureCache:
                make_encoder: Callable[[], TextEncoder] | None) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        encoder = make_encoder() if make_encoder else TextEncoder(self.encoder, self.pooling, self.max_length, self.batch_size)
+        encoder = make_encoder() if make_encoder else TextEncoder(self.encoder, self.pooling, self.max_length, self.batch_size,
+                                                                    self.precision)
         shard_dir = npy.with_suffix(".shards")
         shard_dir.mkdir(parents=True, exist_ok=True)
         out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
