@@ -15,9 +15,10 @@ VARIANTS = {
 }
 
 
-def scientific(data_root: str | None, batch_size: int = 2048, length_bucketing: bool = True) -> SeqRecDataModule:
+def scientific(data_root: str | None, batch_size: int = 2048, length_bucketing: bool = True,
+               training_examples: str = "positions") -> SeqRecDataModule:
     return SeqRecDataModule("scientific/Scientific", data_root=data_root, batch_size=batch_size,
-                            eval_batch_size=1024, length_bucketing=length_bucketing)
+                            eval_batch_size=1024, length_bucketing=length_bucketing, training_examples=training_examples)
 
 
 def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args) -> SeqRecModule:
@@ -31,7 +32,8 @@ def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args)
 
 
 def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, steps: int | None = None) -> int:
-    """Optimiser steps of ``training_step`` (the code Lightning runs); returns sequences seen."""
+    """Optimiser steps of ``training_step`` (the code Lightning runs); returns the training sequences
+    (targets: prefix examples, or the target positions of windows) seen."""
     module.train()
     seen = 0
     for step, batch in enumerate(loader):
@@ -40,5 +42,5 @@ def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, 
         optimizer.zero_grad()
         module.training_step(batch, step).backward()
         optimizer.step()
-        seen += len(batch.target)
+        seen += int((batch.target > 0).sum())
     return seen

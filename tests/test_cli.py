@@ -87,13 +87,14 @@ def test_id_only_model_needs_no_item_text(real_root, slice_env, isolated_cache, 
     assert exit_info.value.code == 2 and "has no text (7 items in all" in caplog.text
 
 
-def test_position_wise_training_from_the_cli(slice_env):
+@pytest.mark.parametrize("scheme", ["positions", "prefixes"])
+def test_each_training_scheme_from_the_cli(slice_env, scheme):
     config = next(c for c in CONFIGS if c.endswith("unisrec_transductive.yaml"))
-    main(["fit", "-c", config, *SLICE, "--data.training_examples", "positions", "--data.batch_size", "256",
+    main(["fit", "-c", config, *SLICE, "--data.training_examples", scheme, "--data.batch_size", "256",
           "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
           "--trainer.logger.init_args.save_dir", str(slice_env / "runs")])
     metrics = next((slice_env / "runs").rglob("metrics.csv")).read_text()
     assert "train/loss" in metrics and "val/ndcg@10" in metrics
     out = json.loads(next((slice_env / "runs").rglob("test_metrics.json")).read_text())
     assert 0.0 <= out["metrics"]["ndcg@10"] <= out["metrics"]["recall@10"] <= 1.0
-    assert "training_examples: positions" in next((slice_env / "runs").rglob("config.yaml")).read_text()
+    assert f"training_examples: {scheme}" in next((slice_env / "runs").rglob("config.yaml")).read_text()

@@ -11,10 +11,11 @@ from unisrec_x import experiment
 from unisrec_x.experiment import FOUNDATION, arm_command, markdown_table, run_arm, summarise
 
 
-def _finish(tmp_path, arm, seed, command, ndcg):
+def _finish(tmp_path, arm, seed, command, ndcg, defaults=experiment.DEFAULTS_VERSION):
     run_dir = tmp_path / arm.name / f"seed{seed}"
     run_dir.mkdir(parents=True)
-    (run_dir / "finished.json").write_text(json.dumps({"command": shlex.join(command), "wall_s": 12.0}))
+    (run_dir / "finished.json").write_text(json.dumps({"command": shlex.join(command), "wall_s": 12.0,
+                                                       "defaults": defaults}))
     metrics = {"recall@10": 0.1, "ndcg@10": ndcg, "recall@50": 0.2, "ndcg@50": 0.07}
     (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "fit_seconds": 10.0, "epochs_trained": 4}))
 
@@ -33,6 +34,20 @@ def test_finished_arm_is_reused_and_changed_command_reruns(tmp_path, monkeypatch
     monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
     with pytest.raises(RuntimeError, match="failed"):  # --quick changes the command: the old run is not reused
         run_arm(arm, 1, tmp_path, True, None)
+    assert len(calls) == 1
+
+
+def test_a_run_made_under_older_defaults_is_not_reused(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05, defaults=experiment.DEFAULTS_VERSION - 1)
+
+    class Failed:
+        returncode = 3
+
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+    with pytest.raises(RuntimeError, match="failed"):  # same command line, other defaults: trained again
+        run_arm(arm, 1, tmp_path, False, None)
     assert len(calls) == 1
 
 

@@ -221,3 +221,27 @@ def test_pretraining_on_windows_keeps_both_tasks():
     seq_seq = info_nce(net.encode_sequences(windows.item_seq, windows.seq_len, table), net.encoder(view_emb, view_len),
                        net.temperature, same_target=last_target)
     assert both.item() == pytest.approx((seq_item + 0.5 * seq_seq).item(), rel=1e-5)
+
+
+def test_partial_item_table_equals_the_whole_table_on_its_rows_and_gradients():
+    net = small_net(use_item_id=False)
+    windows = _prefixes_and_windows(stride=None)[1]
+    windows = type(windows)(*(t[:3] for t in windows))  # a few windows: most of the catalog is untouched
+    ids = torch.unique(torch.cat([windows.item_seq.flatten(), windows.target.flatten()]))
+    partial, whole = net.partial_item_table(ids), net.item_table()
+    assert_close_f32(partial[ids], whole[ids])
+    untouched = torch.ones(len(whole), dtype=torch.bool)
+    untouched[ids] = False
+    assert untouched.any() and not partial[untouched].any()
+    # the pretraining step adapts only the touched items: same loss and gradients as with the whole table
+    module = PretrainModule(net, lambda_seq_seq=0)
+    fast = module.training_step(windows, 0)
+    fast.backward()
+    grads_fast = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    net.partial_item_table = lambda ids: net.item_table()  # the plain path: every item through the adapter
+    plain = module.training_step(windows, 0)
+    plain.backward()
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-5)
+    for name, grad in grads_fast.items():
+        assert_close_f32(grad, dict(net.named_parameters())[name].grad, rtol=1e-4)

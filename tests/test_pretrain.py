@@ -22,7 +22,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 @pytest.fixture(scope="module")
 def pretrained(real_root, tmp_path_factory, tiny_encoder) -> Path:
-    """A few pretraining steps on 150 users of each source domain (Office, ML-100k, Last.fm)."""
+    """A few pretraining steps on 150 users of each default source domain (Games, Toys)."""
     work = tmp_path_factory.mktemp("pretrain")
     os.environ["UNISREC_X_CACHE"] = str(work / "cache")
     try:

@@ -69,7 +69,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_enco
     resumed = subprocess.run(cli + _args(tiny_encoder, real_root, tmp_path / "killed") + ["--ckpt_path", str(last)],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert steps_per_epoch >= 6
+    assert state["global_step"] >= 6 and steps_per_epoch >= 5  # killed after two validations, mid-epoch
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
 
 

@@ -21,6 +21,9 @@ from unisrec_x.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 REPORTED = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+#: Bumped when a default that arm commands do not spell out changes (2: position-wise training), so a
+#: finished run made under other defaults is never reused for the same command line.
+DEFAULTS_VERSION = 2
 
 
 @dataclass
@@ -40,7 +43,7 @@ FOUNDATION = [
     Arm("unisrec_inductive", "UniSRec inductive (text), from scratch", ["-c", "configs/scientific/unisrec_inductive.yaml"]),
     Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
 ]
-PRETRAIN = Arm("pretrain", "Pretraining on Office + ML-100k + Last.fm",
+PRETRAIN = Arm("pretrain", "Pretraining on Amazon Games + Toys",
                ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "120", "--trainer.val_check_interval", "60"],
                quick_args=["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--data.max_users", "800",
                            "--data.batch_size", "256"])
@@ -59,13 +62,14 @@ TRANSFER = FOUNDATION + [
 _POSITIONS, _PREFIXES = ["--data.training_examples", "positions"], ["--data.training_examples", "prefixes"]
 #: Issue 13: one pass per sequence (every position a target) vs one example per prefix; bucketing on vs off.
 SCHEMES = [
-    Arm("sasrec_prefixes", "SASRec-ID, one example per prefix", ["-c", "configs/scientific/sasrec.yaml", *_PREFIXES]),
+    Arm("sasrec_prefixes", "SASRec-ID, one example per prefix (previous default: 50-batch pools)",
+        ["-c", "configs/scientific/sasrec.yaml", *_PREFIXES, "--data.bucket_pool_batches", "50"]),
     Arm("sasrec_positions", "SASRec-ID, every position of a sequence in one pass",
         ["-c", "configs/scientific/sasrec.yaml", *_POSITIONS]),
     Arm("sasrec_positions_unbucketed", "SASRec-ID, positions, no length bucketing",
         ["-c", "configs/scientific/sasrec.yaml", *_POSITIONS, "--data.length_bucketing", "false"]),
-    Arm("transductive_prefixes", "UniSRec transductive, one example per prefix",
-        ["-c", "configs/scientific/unisrec_transductive.yaml", *_PREFIXES]),
+    Arm("transductive_prefixes", "UniSRec transductive, one example per prefix (previous default: 50-batch pools)",
+        ["-c", "configs/scientific/unisrec_transductive.yaml", *_PREFIXES, "--data.bucket_pool_batches", "50"]),
     Arm("transductive_positions", "UniSRec transductive, every position in one pass",
         ["-c", "configs/scientific/unisrec_transductive.yaml", *_POSITIONS]),
 ]
@@ -93,7 +97,7 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
     run_dir = out_dir / arm.name / f"seed{seed}"
     done_marker = run_dir / "finished.json"
     finished = json.loads(done_marker.read_text()) if done_marker.exists() else {}
-    if finished.get("command") == shlex.join(cmd):
+    if finished.get("command") == shlex.join(cmd) and finished.get("defaults", 1) == DEFAULTS_VERSION:
         log.info("%s (seed %d): reusing the finished run in %s", arm.label, seed, run_dir)
         wall = finished["wall_s"]
     else:
@@ -109,7 +113,8 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
         if proc.returncode != 0:
             tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
-        atomic_write_bytes(done_marker, json.dumps({"command": shlex.join(cmd), "wall_s": round(wall, 1)}).encode())
+        atomic_write_bytes(done_marker, json.dumps({"command": shlex.join(cmd), "wall_s": round(wall, 1),
+                                                    "defaults": DEFAULTS_VERSION}).encode())
     if arm is PRETRAIN:
         return {"checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "wall_s": round(wall, 1), "command": shlex.join(cmd)}
     result = json.loads((run_dir / "test_metrics.json").read_text())

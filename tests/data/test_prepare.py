@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from unisrec_x.data.domain import load_domain
-from unisrec_x.data.prepare import prepare_lastfm, prepare_ml100k, prepare_office
+from unisrec_x.data.prepare import prepare_amazon, prepare_lastfm, prepare_ml100k, prepare_office
 
 
 def test_office(real_root, tmp_path):
@@ -27,3 +27,16 @@ def test_lastfm_deduplicated_to_first_tagging(real_root, tmp_path, caplog):
     domain = load_domain(prefix)
     assert len(domain.users) == 1362 - 256  # users with >= 3 distinct artists
     assert "Diary of Dreams" in domain.item_texts
+
+
+def test_amazon_sources_keep_their_order_and_join_title_categories_brand(real_root, tmp_path):
+    for source, interactions, items in (("games", 342_329, 17_332), ("toys", 167_597, 11_924)):
+        prefix = prepare_amazon(source, real_root, tmp_path)
+        assert len((prefix.parent / f"{prefix.name}.inter").read_text().splitlines()) - 1 == interactions
+        domain = load_domain(prefix)
+        assert domain.num_items <= items and all(domain.item_texts)
+    games = load_domain(tmp_path / "games" / "Games")
+    assert games.item_texts[games.item_tokens.index("B00004DSDE")] == \
+        "X: Beyond the Frontier - PC. Video Games; PC; Games. Southpeak Interactive"
+    user = games.users.index("A1JGAP0185YJI6")  # timestamps are positions: the file's order is kept
+    assert [games.item_tokens[i - 1] for i in games.sequences[user][:2]] == ["B00004DSDE", "0700026657"]

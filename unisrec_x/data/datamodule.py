@@ -48,7 +48,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  length_bucketing: bool = True, max_users: int | None = None, text_encoder: str = PACKAGED_ENCODER,
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
-                 training_examples: TrainingExamples = "prefixes", window_stride: int | None = None,
+                 training_examples: TrainingExamples = "positions", window_stride: int | None = None,
                  bucket_pool_batches: int = 4) -> None:
         """
         Args:
@@ -77,9 +77,10 @@ class SeqRecDataModule(pl.LightningDataModule):
             word_drop_prob: share of words dropped from each text for the word-drop view (pretraining).
             exclude_items: item tokens removed from the catalog and every history (held out, e.g. to
                 add them back later through ``Recommender.add_items``).
-            training_examples: ``prefixes``: one example per (history, next item), encoded separately
-                (RecBole/UniSRec); ``positions``: one example per sequence window with a target at every
-                position, so one causal pass trains every prefix (SASRec). Same targets; see
+            training_examples: ``positions`` (default): one example per sequence window with a target at
+                every position, so one causal pass trains every prefix (SASRec); ``prefixes``: one example
+                per (history, next item), encoded separately (RecBole/UniSRec). Same targets and, on
+                Scientific, the same test metrics within the seeds' spread (docs/results.md); see
                 ``PositionExamples`` for histories longer than ``max_seq_len``. Evaluation is unchanged.
             window_stride: ``positions`` only: step between a long sequence's windows (default
                 ``max_seq_len // 2``; 1 reproduces the prefix scheme's histories exactly).

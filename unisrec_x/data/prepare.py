@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
 TEXT_FIELDS = [("item_id", "token"), ("text", "token_seq")]
 #: source name -> (folder, file stem) of its prepared files
-SOURCE_FILES = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm")}
+SOURCE_FILES = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm"),
+                "games": ("games", "Games"), "toys": ("toys", "Toys")}
+#: Amazon sources already in atomic form: the ``.item`` fields joined into each item's text
+AMAZON_TEXT_FIELDS = {"games": ("title", "categories", "brand"), "toys": ("title", "categories")}
 
 
 def prepare_office(root: Path, out: Path) -> Path:
@@ -87,6 +90,23 @@ def prepare_lastfm(root: Path, out: Path) -> Path:
     return _write(out, "lastfm", rows, text_rows)
 
 
+def prepare_amazon(source: str, root: Path, out: Path) -> Path:
+    """Games (2018) and Toys (2014): interactions as they are, text = title. categories. brand.
+
+    Their ``timestamp`` is each item's position in the user's sequence, so the time sort keeps
+    the published order; categories add what a title alone does not say (the product's kind).
+    """
+    folder, name = SOURCE_FILES[source]
+    fields = AMAZON_TEXT_FIELDS[source]
+    inter = read_atomic(root / folder / f"{name}.inter", required=("user_id", "item_id", "timestamp"))
+    items = read_atomic(root / folder / f"{name}.item", required=("item_id", *fields))
+    rows = list(zip(inter.column("user_id"), inter.column("item_id"), inter.column("timestamp")))
+    columns = [items.column(f) for f in fields]
+    text_rows = [(token, ". ".join(p for p in (clean_text(c[row]) for c in columns) if p))
+                 for row, token in enumerate(items.column("item_id"))]
+    return _write(out, source, rows, text_rows)
+
+
 def _write(out: Path, source: str, rows: list, text_rows: list) -> Path:
     folder, name = SOURCE_FILES[source]
     prefix = out / folder / name
@@ -100,6 +120,8 @@ SOURCES: dict[str, Callable[[Path, Path], Path]] = {
     "office": prepare_office,
     "ml-100k": lambda root, out: prepare_ml100k(out),
     "lastfm": prepare_lastfm,
+    "games": lambda root, out: prepare_amazon("games", root, out),
+    "toys": lambda root, out: prepare_amazon("toys", root, out),
 }
 
 

@@ -23,7 +23,8 @@ class RNGStateCheckpoint(pl.Callback):
 
 
 class ResumingModelCheckpoint(ModelCheckpoint):
-    """A ``ModelCheckpoint`` that keeps the run's best score when a resumed run logs into a new folder.
+    """A ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest state, and that keeps the run's
+    best score when a resumed run logs into a new folder.
 
     ``--ckpt_path`` resumes into a new ``version_N`` folder, and Lightning then drops the best score
     so far ("dirpath has changed"): the first validation after the resume counts as best even when
@@ -34,6 +35,22 @@ class ResumingModelCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+    # Lightning (2.6) rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so
+    # after a validation that does not improve, last.ckpt is stale and a resume loses that work.
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped if saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class NonFiniteLossError(FloatingPointError):

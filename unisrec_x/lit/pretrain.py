@@ -61,7 +61,8 @@ class PretrainModule(SeqRecModule):
         return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
-        table = self.net.item_table()
+        # Both tasks read only the batch's histories and targets: adapt those items, not the catalog.
+        table = self.net.partial_item_table(torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten()])))
         seq_repr, target = self.training_queries(batch, table[batch.item_seq])  # (M, D), (M,)
         temperature = self.net.temperature
         # Rows that share a next item are not negatives of each other in either task.

@@ -101,6 +101,16 @@ class UniSRec(nn.Module):
         return torch.cat([self.item_vectors(torch.arange(start, min(start + chunk_size, rows), device=self._device))
                           for start in range(0, rows, chunk_size)])
 
+    def partial_item_table(self, ids: torch.Tensor) -> torch.Tensor:
+        """An (N + 1, D) table whose rows ``ids`` (unique) hold those items' vectors; every other row is zero.
+
+        A step that touches a few thousand items of a large merged catalog (pretraining with
+        in-batch negatives) adapts only those, and lookups stay ``table[item_seq]``.
+        """
+        rows = self.item_features.shape[0] if self.use_text else self.num_items + 1
+        vectors = self.item_vectors(ids)  # (U, D)
+        return vectors.new_zeros(rows, vectors.shape[-1]).index_copy(0, ids, vectors)
+
     def item_vectors(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Vectors of the items ``ids`` (any shape, 0 = padding) -> (*ids.shape, D); ``None`` = all items.
 
