@@ -121,7 +121,7 @@ def test_killed_between_the_fallback_renames_the_old_model_comes_back(tmp_path):
     assert done.returncode == 9, done.stderr
     assert not out.exists()  # the moment of the crash: the old folder is aside, the new one not yet in
     assert any(name.startswith(".out.old-") for name in siblings(out))
-    recover(out)  # what every later read (Recommender.from_checkpoint) or write of the path does first
+    recover(out, KIND)  # what every later read (Recommender.from_checkpoint) or write of the path does first
     assert (out / "data.txt").read_text() == "v1" and siblings(out) == set()
 
 
@@ -131,5 +131,8 @@ def test_leftovers_of_a_finished_swap_are_dropped_but_a_live_writer_is_left_alon
     dead = tmp_path / ".out.tmp-999999999"  # no such process
     live = tmp_path / f".out.tmp-{os.getppid()}"  # a running process, maybe mid-write
     dead.mkdir(), live.mkdir()
-    recover(out)
-    assert not dead.exists() and live.exists()
+    users = tmp_path / ".out.old-999999998"  # named like ours, but a user's folder: left alone
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    recover(out, KIND)
+    assert not dead.exists() and live.exists() and (users / "thesis.tex").read_text() == "mine"

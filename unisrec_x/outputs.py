@@ -70,7 +70,7 @@ def check_output_path(directory: str | Path, kind: OutputKind, overwrite: bool) 
                         "name a new folder", given)
     if resolved.parent == resolved:
         raise DataError(f"refusing to write a {kind.name} over the file-system root", given)
-    recover(resolved)
+    recover(resolved, kind)
     if not resolved.exists():
         return resolved
     if not resolved.is_dir():
@@ -127,15 +127,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover(directory: Path) -> None:
+def recover(directory: Path, kind: OutputKind) -> None:
     """Undo what a killed writer left beside ``directory``: put an old folder back where the path
-    is missing, and drop finished leftovers (temporary folders, old folders already replaced)."""
+    is missing, and drop finished leftovers (temporary folders, old folders already replaced).
+
+    Only a sibling that holds nothing but ``kind``'s files is touched (an old folder must also carry
+    its manifest), so a folder of the user's that happens to match the naming is never moved or deleted.
+    """
     parent = directory.parent
     if not parent.is_dir():
         return
     for entry in sorted(parent.iterdir()):
         found = _ASIDE.match(entry.name)
-        if not found or found["name"] != directory.name or _alive(int(found["pid"])):
+        if not found or found["name"] != directory.name or _alive(int(found["pid"])) or not entry.is_dir():
+            continue
+        ours = _owned(entry, kind) if found["what"] == "old" else {p.name for p in entry.iterdir()} <= kind.files
+        if not ours:
             continue
         if found["what"] == "old" and not directory.exists():
             entry.rename(directory)

@@ -14,6 +14,8 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from unisrec_x.data.sequences import gather_padded
+
 #: ``prefixes``: one example per (history, next item); ``positions``: one per window, a target at every position
 TrainingExamples = Literal["prefixes", "positions"]
 
@@ -93,12 +95,8 @@ class PositionExamples(torch.utils.data.Dataset):
     def __getitem__(self, index: Sequence[int] | torch.Tensor) -> PositionBatch:
         index = torch.as_tensor(index, dtype=torch.long)
         seq_len = self.hist_len[index]
-        width = int(seq_len.max()) if len(index) else 0
-        offsets = torch.arange(width)
-        positions = self.start[index].unsqueeze(1) + offsets  # (B, L) positions in the flat store
-        valid = offsets < seq_len.unsqueeze(1)
-        last = len(self.items) - 1
-        item_seq = torch.where(valid, self.items[positions.clamp(max=last)], 0)
+        item_seq, positions, valid = gather_padded(self.items, self.start[index], seq_len)
+        offsets = torch.arange(item_seq.shape[1])
         trained = valid & (offsets >= self.first_target[index].unsqueeze(1))
-        target = torch.where(trained, self.items[(positions + 1).clamp(max=last)], 0)
+        target = torch.where(trained, self.items[(positions + 1).clamp(max=len(self.items) - 1)], 0)
         return PositionBatch(item_seq, seq_len, target, self.domain[index])

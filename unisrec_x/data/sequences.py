@@ -71,12 +71,20 @@ class SequenceExamples(torch.utils.data.Dataset):
         index = torch.as_tensor(index, dtype=torch.long)
         seq_len = self.hist_len[index]
         end = self.target_index[index]
-        width = int(seq_len.max()) if len(index) else 0
-        offsets = torch.arange(width)
-        positions = (end - seq_len).unsqueeze(1) + offsets  # (B, L) positions in the flat store
-        valid = offsets < seq_len.unsqueeze(1)
-        item_seq = torch.where(valid, self.items[positions.clamp(max=len(self.items) - 1)], 0)
+        item_seq, _, _ = gather_padded(self.items, end - seq_len, seq_len)
         return SeqBatch(item_seq, seq_len, self.items[end], self.domain[index])
+
+
+def gather_padded(items: torch.Tensor, start: torch.Tensor, length: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs ``items[start[b] : start[b] + length[b]]`` of the flat store, right-padded with 0 to the longest.
+
+    Returns (item_seq (B, L), their flat positions (B, L), valid (B, L)); one gather for the batch.
+    """
+    offsets = torch.arange(int(length.max()) if len(length) else 0)
+    positions = start.unsqueeze(1) + offsets  # (B, L) positions in the flat store
+    valid = offsets < length.unsqueeze(1)
+    return torch.where(valid, items[positions.clamp(max=len(items) - 1)], 0), positions, valid
 
 
 class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):

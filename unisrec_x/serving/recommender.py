@@ -132,10 +132,10 @@ class Recommender:
         """Load a Lightning checkpoint (items and text vectors come from its dataset, via the data root
         and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``."""
         from unisrec_x.outputs import recover
-        from unisrec_x.serving.model_dir import load_checkpoint, load_model_dir
+        from unisrec_x.serving.model_dir import MODEL_DIR, load_checkpoint, load_model_dir
 
         path = Path(path)
-        recover(path.absolute())  # a save killed mid-swap may have left the model beside its path
+        recover(path.absolute(), MODEL_DIR)  # a save killed mid-swap may have left the model beside its path
         return load_model_dir(cls, path) if path.is_dir() else load_checkpoint(cls, path, data_root)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
