@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from unisrec_x.cli import main
 
@@ -35,6 +36,15 @@ def test_short_fit_writes_test_metrics_of_best_checkpoint(slice_env):
     assert set(out["metrics"]) >= {"recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr@10", "hit@10"}
     assert 0.0 <= out["metrics"]["ndcg@10"] <= out["metrics"]["recall@10"] <= out["metrics"]["recall@50"] <= 1.0
     assert out["metrics"]["recall@50"] > 0  # 3 epochs on 150 real users ranks some targets in the top 50
+    # the long-tail slice: test rows whose target is a training target at most 5 times
+    from unisrec_x.data.datamodule import SeqRecDataModule
+
+    data = SeqRecDataModule("scientific/Scientific", max_users=150)
+    counts = torch.bincount(data.examples("train").targets, minlength=data.num_items + 1)
+    rare = int((counts[data.examples("test").targets] <= 5).sum())
+    assert 0 < rare < len(data.examples("test").targets)
+    assert out["metrics"]["long_tail/rows"] == rare
+    assert 0.0 <= out["metrics"]["long_tail/ndcg@10"] <= out["metrics"]["long_tail/recall@10"] <= 1.0
 
 
 def test_missing_dataset_exits_with_a_clear_message(slice_env, caplog):

@@ -223,6 +223,23 @@ def test_pretraining_on_windows_keeps_both_tasks():
     assert both.item() == pytest.approx((seq_item + 0.5 * seq_seq).item(), rel=1e-5)
 
 
+def test_pretraining_with_sampled_negatives_is_the_log_q_corrected_sampled_softmax():
+    """``negatives > 0``: the sequence-item task is SeqRecModule's sampled loss over the same candidates."""
+    net = small_net(use_item_id=False)
+    windows = _prefixes_and_windows(stride=None)[1]
+    targets = windows.target[windows.target > 0]
+    pretrain = PretrainModule(net, lambda_seq_seq=0, negatives=16)
+    pretrain.set_training_targets(targets)
+    finetune = SeqRecModule(net, loss="sampled", num_negatives=16)
+    finetune.set_training_targets(targets)
+    torch.manual_seed(5)
+    ours = pretrain.training_step(windows, 0)
+    torch.manual_seed(5)  # the same negatives
+    assert ours.item() == pytest.approx(finetune.training_step(windows, 0).item(), rel=1e-5)
+    # and it is not the in-batch loss: the negatives count
+    assert ours.item() != pytest.approx(PretrainModule(net, lambda_seq_seq=0).training_step(windows, 0).item(), rel=1e-3)
+
+
 def test_partial_item_table_equals_the_whole_table_on_its_rows_and_gradients():
     net = small_net(use_item_id=False)
     windows = _prefixes_and_windows(stride=None)[1]

@@ -30,6 +30,22 @@ def test_ties_count_against_the_target():
     assert target_ranks(torch.zeros(2, 5), torch.tensor([0, 4])).tolist() == [4, 4]
 
 
+def test_nan_scores_rank_the_target_last_in_both_paths():
+    """A NaN score must never look like a hit: ``NaN >= x`` is false, which once gave NaN models N@10 = 1."""
+    from unisrec_x.ranking import chunked_target_ranks
+
+    nan = float("nan")
+    logits = torch.tensor([[nan, nan, nan, nan],      # all NaN
+                           [0.9, nan, 0.1, 0.2],      # the target (col 2) is beaten by 0.9 and the NaN
+                           [0.1, 0.2, 0.3, 0.4]])     # finite: target col 3 is first
+    target = torch.tensor([0, 2, 3])
+    assert target_ranks(logits, target).tolist() == [3, 3, 0]
+    # the chunked path: a NaN query row scores NaN against every candidate
+    query = torch.tensor([[nan, 1.0], [1.0, 0.0]])
+    candidates = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    assert chunked_target_ranks(query, candidates, torch.tensor([1, 0]), chunk_size=2).tolist() == [2, 0]
+
+
 def test_parity_with_recbole_evaluator():
     from recbole.evaluator.collector import DataStruct
     from recbole.evaluator.metrics import MRR, NDCG, Hit, Recall

@@ -8,6 +8,7 @@ import sys
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from unisrec_x.allocator import fix_mmap_threshold
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import read_state_dict
@@ -15,6 +16,8 @@ from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RN
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
+#: Blocks above this are mmapped and returned to the system when freed (allocator.py; docs/performance.md).
+MMAP_THRESHOLD = 128 * 1024
 
 
 def _experiment():
@@ -87,6 +90,7 @@ def main(args: list[str] | None = None) -> None:
     words = sys.argv[1:] if args is None else args
     if words and words[0] in COMMANDS:
         return COMMANDS[words[0]]()(words[1:])
+    fix_mmap_threshold(MMAP_THRESHOLD)
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
                    save_config_kwargs={"overwrite": True}, args=args)

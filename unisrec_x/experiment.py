@@ -35,29 +35,12 @@ class Arm:
     args: list[str]
     quick_args: list[str] = field(default_factory=list)
     subcommand: str = "fit"
-    uses_pretrained: bool = False
 
 
 FOUNDATION = [
     Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
     Arm("unisrec_inductive", "UniSRec inductive (text), from scratch", ["-c", "configs/scientific/unisrec_inductive.yaml"]),
     Arm("unisrec_transductive", "UniSRec transductive (text + ID), from scratch", ["-c", "configs/scientific/unisrec_transductive.yaml"]),
-]
-PRETRAIN = Arm("pretrain", "Pretraining on Amazon Games + Toys",
-               ["-c", "configs/pretrain/pretrain.yaml", "--trainer.max_steps", "120", "--trainer.val_check_interval", "60"],
-               quick_args=["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--data.max_users", "800",
-                           "--data.batch_size", "256"])
-_PRETRAINED = ["--model.init_args.pretrained", "{pretrained}"]
-TRANSFER = FOUNDATION + [
-    Arm("zero_shot", "Pretrained, zero-shot (no fine-tuning)", ["-c", "configs/transfer/zero_shot.yaml", *_PRETRAINED],
-        subcommand="test", uses_pretrained=True),
-    Arm("pretrained_inductive", "Pretrained + inductive fine-tune (adapter only)",
-        ["-c", "configs/transfer/finetune_inductive.yaml", *_PRETRAINED], uses_pretrained=True),
-    Arm("pretrained_transductive_adapter", "Pretrained + transductive fine-tune (adapter + ID only)",
-        ["-c", "configs/transfer/finetune_transductive.yaml", *_PRETRAINED], uses_pretrained=True),
-    Arm("pretrained_transductive_full", "Pretrained + transductive fine-tune (all parameters)",
-        ["-c", "configs/transfer/finetune_transductive.yaml", "--model.init_args.freeze_encoder", "false", *_PRETRAINED],
-        uses_pretrained=True),
 ]
 _POSITIONS, _PREFIXES = ["--data.training_examples", "positions"], ["--data.training_examples", "prefixes"]
 #: Issue 13: one pass per sequence (every position a target) vs one example per prefix; bucketing on vs off.
@@ -73,14 +56,14 @@ SCHEMES = [
     Arm("transductive_positions", "UniSRec transductive, every position in one pass",
         ["-c", "configs/scientific/unisrec_transductive.yaml", *_POSITIONS]),
 ]
-EXPERIMENTS = {"foundation": FOUNDATION, "transfer": TRANSFER, "schemes": SCHEMES}
+EXPERIMENTS = {"foundation": FOUNDATION, "schemes": SCHEMES}  # and "transfer": unisrec_x.transfer
 #: ``--quick``: real data, smaller: the first 3,000 Scientific users (their items only) and at most 6 epochs.
 QUICK_ARGS = ["--trainer.max_epochs", "6", "--data.max_users", "3000"]
 QUICK_TEST_ARGS = ["--data.max_users", "3000"]
 
 
-def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None, pretrained: str | None = None) -> list[str]:
-    args = [a.format(pretrained=pretrained) for a in arm.args]
+def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> list[str]:
+    args = list(arm.args)
     cmd = ["unisrec-x", arm.subcommand, *args, "--seed_everything", str(seed),
            "--trainer.logger.init_args.save_dir", str(out_dir), "--trainer.logger.init_args.name", arm.name,
            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false"]
@@ -91,9 +74,9 @@ def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str 
     return cmd
 
 
-def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None, pretrained: str | None = None) -> dict:
+def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> dict:
     """Train and test one arm in a fresh process; return its metrics, wall time and command."""
-    cmd = arm_command(arm, seed, out_dir, quick, data_root, pretrained)
+    cmd = arm_command(arm, seed, out_dir, quick, data_root)
     run_dir = out_dir / arm.name / f"seed{seed}"
     done_marker = run_dir / "finished.json"
     finished = json.loads(done_marker.read_text()) if done_marker.exists() else {}
@@ -115,8 +98,6 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
             raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
         atomic_write_bytes(done_marker, json.dumps({"command": shlex.join(cmd), "wall_s": round(wall, 1),
                                                     "defaults": DEFAULTS_VERSION}).encode())
-    if arm is PRETRAIN:
-        return {"checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "wall_s": round(wall, 1), "command": shlex.join(cmd)}
     result = json.loads((run_dir / "test_metrics.json").read_text())
     return {"metrics": result["metrics"], "wall_s": round(wall, 1), "fit_s": result["fit_seconds"],
             "epochs": result["epochs_trained"] if arm.subcommand == "fit" else 0, "command": shlex.join(cmd),
@@ -150,15 +131,19 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``unisrec-x experiment NAME``: run every arm for each seed, write ``results/NAME.{json,md}``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["transfer"]:
+        from unisrec_x.transfer import main as transfer
+
+        return transfer(argv[1:])
     parser = argparse.ArgumentParser(prog="unisrec-x experiment", description=main.__doc__)
-    parser.add_argument("name", choices=sorted(EXPERIMENTS))
+    parser.add_argument("name", choices=sorted([*EXPERIMENTS, "transfer"]), help="transfer: see `unisrec-x experiment transfer --help`")
     parser.add_argument("--quick", action="store_true", help=f"smaller real run ({' '.join(QUICK_ARGS)}) that finishes in minutes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2022])
     parser.add_argument("--arms", nargs="+", help="run only these arms")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
     parser.add_argument("--runs", default="runs/experiments", help="where run logs and checkpoints go")
     parser.add_argument("--out", default="results", help="where NAME.json and NAME.md go")
-    parser.add_argument("--pretrained", help="use this pretrained checkpoint instead of pretraining first")
     args = parser.parse_args(argv)
     arms = [a for a in EXPERIMENTS[args.name] if not args.arms or a.name in args.arms]
     # Runs are keyed by arm, not by experiment: foundation and transfer share their from-scratch arms,
@@ -167,13 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = "Scientific test split" + (", first 3,000 users (quick)" if args.quick else "")
     results = {"experiment": args.name, "quick": args.quick, "seeds": args.seeds, "dataset": dataset,
                "date": time.strftime("%Y-%m-%d"), "arms": {}}
-    pretrained = args.pretrained
-    if pretrained is None and any(a.uses_pretrained for a in arms):
-        results["pretrain"] = run_arm(PRETRAIN, args.seeds[0], run_root, args.quick, args.data_root)
-        pretrained = results["pretrain"]["checkpoint"]
-    results["pretrained_checkpoint"] = pretrained
     for arm in arms:
-        runs = [run_arm(arm, seed, run_root, args.quick, args.data_root, pretrained) for seed in args.seeds]
+        runs = [run_arm(arm, seed, run_root, args.quick, args.data_root) for seed in args.seeds]
         results["arms"][arm.name] = {"label": arm.label, "summary": summarise(runs), "runs": runs}
         log.info("%s: %s", arm.label, {m: results["arms"][arm.name]["summary"][m]["mean"] for m in REPORTED})
     out = Path(args.out)

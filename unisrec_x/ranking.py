@@ -15,7 +15,7 @@ DEFAULT_CHUNK = 65_536
 
 def chunked_target_ranks(query: torch.Tensor, candidates: torch.Tensor, target_index: torch.Tensor,
                          chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """0-based rank of each row's target, ties counted against it (as ``metrics.target_ranks``).
+    """0-based rank of each row's target, ties and NaN counted against it (as ``metrics.target_ranks``).
 
     Args:
         query: (B, D) with ``score = query @ candidates.T``.
@@ -36,7 +36,7 @@ def chunked_target_ranks(query: torch.Tensor, candidates: torch.Tensor, target_i
     ranks = torch.zeros(len(query), dtype=torch.long, device=query.device)
     for start in range(0, len(candidates), chunk_size):
         scores = query @ candidates[start:start + chunk_size].T  # (B, chunk)
-        ahead = scores >= target_score.unsqueeze(1)
+        ahead = ~(scores < target_score.unsqueeze(1))  # ties and NaN count against the target
         inside = (target_index >= start) & (target_index < start + scores.shape[1])
         # The target never counts against itself, whatever rounding its two computations got.
         ahead[rows[inside], target_index[inside] - start] = False

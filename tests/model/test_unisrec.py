@@ -85,3 +85,23 @@ def test_history_longer_than_positions_is_refused():
     net = _net(use_text=True)
     with pytest.raises(ValueError, match="longer than max_seq_len 10"):
         net.encode_sequences(torch.ones(1, 11, dtype=torch.long), torch.tensor([11]))
+
+
+def test_last_item_residual_adds_the_unit_last_item_vector_with_a_learned_weight():
+    torch.manual_seed(0)
+    net = UniSRec(num_items=30, plm_dim=12, hidden_dim=8, n_layers=1, last_item_residual=True).eval()
+    net.set_item_features(torch.randn(31, 12))
+    plain = UniSRec(num_items=30, plm_dim=12, hidden_dim=8, n_layers=1).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "encoder.residual_weight"})
+    plain.set_item_features(net.item_features)
+    with torch.no_grad():
+        net.encoder.residual_weight.fill_(0.7)
+        item_seq, seq_len = torch.tensor([[3, 5, 9, 0], [7, 0, 0, 0]]), torch.tensor([3, 1])
+        table = net.item_table()
+        last = table[item_seq[torch.arange(2), seq_len - 1]]
+        expected = torch.nn.functional.normalize(plain.encode_sequences(item_seq, seq_len), dim=-1) \
+            + 0.7 * torch.nn.functional.normalize(last, dim=-1)
+        torch.testing.assert_close(net.encode_sequences(item_seq, seq_len), expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(net.encoder.residual_weight, torch.nn.Parameter)  # learned, and saved with the model
+    with pytest.raises(ValueError, match="cosine"):
+        UniSRec(num_items=30, use_text=False, use_item_id=True, similarity="dot", last_item_residual=True)

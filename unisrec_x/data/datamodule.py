@@ -49,7 +49,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
                  training_examples: TrainingExamples = "positions", window_stride: int | None = None,
-                 bucket_pool_batches: int = 4) -> None:
+                 bucket_pool_batches: int = 4, train_users: str | None = None) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -87,6 +87,9 @@ class SeqRecDataModule(pl.LightningDataModule):
             bucket_pool_batches: with ``length_bucketing``, batches per length-sorted pool. Small pools
                 keep batches random across epochs (a pool of the whole epoch would cut the same length
                 slices every epoch); larger ones pad less.
+            train_users: a text file of user ids (relative to the working directory), one per line: only their sequences give training
+                examples (few-shot regimes); every user is still validated and tested, and every
+                history is still read as input. Default: all users train.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +112,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             raise ValueError(f"training_examples must be 'prefixes' or 'positions', got {training_examples!r}")
         self.training_examples, self.window_stride = training_examples, window_stride
         self.bucket_pool_batches = bucket_pool_batches
+        self.train_sequence_mask = None if train_users is None else training_mask(self.data, Path(train_users).expanduser())
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
         for d in domains:
@@ -143,12 +147,16 @@ class SeqRecDataModule(pl.LightningDataModule):
         """A split's examples: training windows under ``training_examples="positions"``, else prefixes."""
         if split in self._splits:
             return self._splits[split]
+        sequences, domains = self.data.sequences, self.data.sequence_domain
+        if split == "train" and self.train_sequence_mask is not None:
+            sequences = [s for s, keep in zip(sequences, self.train_sequence_mask) if keep]
+            domains = domains[self.train_sequence_mask]
         if split == "train" and self.training_examples == "positions":
-            data = PositionExamples(self.data.sequences, self.max_seq_len, self.window_stride, self.data.sequence_domain)
+            data = PositionExamples(sequences, self.max_seq_len, self.window_stride, domains)
             log.info("train: %d windows hold %d targets; %d of these see a shorter history than as prefix examples "
                      "(window_stride=%d)", len(data), len(data.targets), data.shortened, data.stride)
         else:
-            data = SequenceExamples(self.data.sequences, split, self.max_seq_len, self.data.sequence_domain)
+            data = SequenceExamples(sequences, split, self.max_seq_len, domains)
             if data.truncated:
                 log.info("%s: %d of %d histories are longer than max_seq_len=%d and keep their last %d items",
                          split, data.truncated, len(data), self.max_seq_len, self.max_seq_len)
@@ -182,3 +190,28 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def training_mask(data: MergedDomains, path: Path) -> np.ndarray:
+    """(sequences,) bool: which sequences belong to the users listed in ``path`` (one id per line).
+
+    An id that is no user of the data, a repeated id, or an empty list is refused, naming the file
+    and line: a typo must not silently shrink a few-shot regime.
+    """
+    if not path.is_file():
+        raise DataError("train_users file not found", path)
+    users = [u for d in data.domains for u in d.users]
+    known = set(users)
+    wanted: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        user = line.strip()
+        if not user:
+            continue
+        if user not in known:
+            raise DataError(f"user {user!r} is not in the data ({', '.join(data.names)})", path, number)
+        if user in wanted:
+            raise DataError(f"user {user!r} is listed twice", path, number)
+        wanted.add(user)
+    if not wanted:
+        raise DataError("lists no users", path)
+    return np.array([u in wanted for u in users], dtype=bool)

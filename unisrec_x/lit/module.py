@@ -25,7 +25,7 @@ class SeqRecModule(pl.LightningModule):
     def __init__(self, net: UniSRec, ks: list[int] | None = None, pretrained: str | None = None,
                  freeze_encoder: bool = False, loss: Literal["full", "sampled"] = "full", num_negatives: int = 1024,
                  negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
-                 loss_chunk_rows: int = 4096) -> None:
+                 loss_chunk_rows: int = 4096, long_tail_max_count: int | None = 5) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -41,6 +41,9 @@ class SeqRecModule(pl.LightningModule):
             loss_chunk_rows: full softmax: targets whose logits over the catalog are computed at a time in
                 training (position-wise batches have one target per position), bounding memory to
                 ``loss_chunk_rows`` x N.
+            long_tail_max_count: the test pass also reports ``test/long_tail/*``: the metrics over the rows
+                whose target occurs at most this often among the training targets (rare items, where
+                text and pretraining should matter most); ``None`` turns it off.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +56,8 @@ class SeqRecModule(pl.LightningModule):
             raise ValueError(f"loss must be 'full' or 'sampled', got {loss!r}")
         self.loss, self.num_negatives, self.negative_sampling = loss, num_negatives, negative_sampling
         self.eval_chunk_size, self.loss_chunk_rows = eval_chunk_size, loss_chunk_rows
+        self.long_tail_max_count = long_tail_max_count
+        self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
         self._eval_table: torch.Tensor | None = None
@@ -68,8 +73,10 @@ class SeqRecModule(pl.LightningModule):
             return
         if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
+        targets = self.datamodule.examples("train").targets
         if stage == "fit":
-            self.set_training_targets(self.datamodule.examples("train").targets)
+            self.set_training_targets(targets)
+        self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
 
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
@@ -128,7 +135,7 @@ class SeqRecModule(pl.LightningModule):
             self._eval_candidates = self.net.candidate_vectors(self._eval_table[1:])
         seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, self._eval_table)
         self.metrics.update_ranks(chunked_target_ranks(self.net.query_vectors(seq_repr), self._eval_candidates,
-                                                       batch.target - 1, self.eval_chunk_size))
+                                                       batch.target - 1, self.eval_chunk_size), batch.target)
 
     def _finish_pass(self) -> dict[str, float]:
         values = self.metrics.compute()
@@ -158,4 +165,7 @@ class SeqRecModule(pl.LightningModule):
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
+        if self.long_tail_max_count is not None and self.train_counts is not None:
+            tail = self.metrics.compute_long_tail(self.train_counts.cpu(), self.long_tail_max_count)
+            self.log_dict({f"test/long_tail/{k}": v for k, v in tail.items()}, prog_bar=False, sync_dist=True)
         self._eval_end("test")

@@ -11,6 +11,7 @@ from unisrec_x.lit.guards import check_finite
 from unisrec_x.lit.module import SeqRecModule
 from unisrec_x.losses import info_nce
 from unisrec_x.model.unisrec import UniSRec
+from unisrec_x.sampled_softmax import sampled_softmax_loss
 
 
 class PretrainModule(SeqRecModule):
@@ -25,7 +26,8 @@ class PretrainModule(SeqRecModule):
     """
 
     def __init__(self, net: UniSRec, lambda_seq_seq: float = 1e-3, item_drop_view_prob: float = 0.9,
-                 item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None) -> None:
+                 item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None,
+                 negatives: int = 0) -> None:
         """
         Args:
             net: a text-only UniSRec (item IDs do not transfer across domains).
@@ -34,10 +36,14 @@ class PretrainModule(SeqRecModule):
             item_keep_prob: each item survives item drop with this probability (the first always does).
             word_swap_prob: share of positions whose text vector is swapped in a word-drop view.
             ks: evaluation cut-offs.
+            negatives: 0 (UniSRec): the sequence-item task ranks each target against the batch's other
+                targets only. More: also against this many items drawn uniformly from every source's
+                catalog, with the log-Q correction of the sampled loss (``SeqRecModule``), so that
+                popular items, frequent in-batch negatives, are not pushed down.
         """
         if net.use_item_id:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False")
-        super().__init__(net, ks)
+        super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
 
@@ -61,12 +67,20 @@ class PretrainModule(SeqRecModule):
         return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
-        # Both tasks read only the batch's histories and targets: adapt those items, not the catalog.
-        table = self.net.partial_item_table(torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten()])))
+        # Both tasks read only the batch's histories, targets (and negatives): adapt those items, not the catalog.
+        negatives = self.sampler.sample(batch.target.device) if self.sampler is not None else batch.target.new_zeros(0)
+        table = self.net.partial_item_table(torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten(),
+                                                                    negatives])))
         seq_repr, target = self.training_queries(batch, table[batch.item_seq])  # (M, D), (M,)
         temperature = self.net.temperature
-        # Rows that share a next item are not negatives of each other in either task.
-        loss_seq_item = info_nce(seq_repr, table[target], temperature, same_target=target)
+        if self.sampler is None:
+            # Rows that share a next item are not negatives of each other in either task.
+            loss_seq_item = info_nce(seq_repr, table[target], temperature, same_target=target)
+        else:
+            candidates = torch.cat([target, negatives])
+            logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(table[candidates]).T
+            loss_seq_item = sampled_softmax_loss(logits, candidates, target,
+                                                 self.sampler.log_expected_count(candidates, len(target)))
         loss = loss_seq_item
         if self.hparams.lambda_seq_seq > 0:
             # each row's last target: its whole history (every row of a prefix batch)

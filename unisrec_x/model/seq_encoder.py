@@ -43,7 +43,7 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, hidden_dim: int = 300, n_layers: int = 2, n_heads: int = 2, inner_dim: int = 256,
                  dropout: float = 0.5, attn_dropout: float = 0.5, max_seq_len: int = 50,
-                 layer_norm_eps: float = 1e-12) -> None:
+                 layer_norm_eps: float = 1e-12, last_item_residual: bool = False) -> None:
         """
         Args:
             hidden_dim: item- and sequence-vector size.
@@ -54,6 +54,11 @@ class SequenceEncoder(nn.Module):
             attn_dropout: on attention weights.
             max_seq_len: longest history (number of learned positions).
             layer_norm_eps: LayerNorm epsilon (1e-12 as in RecBole/UniSRec).
+            last_item_residual: the output at position t is ``unit(transformer) + w * unit(item_t)``
+                with a learned ``w`` (initially 1): the vector of the history's last item reaches the
+                query directly, so an untrained or domain-shifted Transformer still ranks items by
+                their similarity to the last one (the text-kNN baseline) instead of by noise. For
+                cosine scoring, where only directions count.
         """
         super().__init__()
         self.position = nn.Embedding(max_seq_len, hidden_dim)
@@ -62,6 +67,7 @@ class SequenceEncoder(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(hidden_dim, n_heads, inner_dim, dropout, attn_dropout, layer_norm_eps) for _ in range(n_layers))
         self.apply(_init_weights)
+        self.residual_weight = nn.Parameter(torch.ones(())) if last_item_residual else None
 
     def forward(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """item_emb (B, L, D), seq_len (B,) -> sequence vectors (B, D)."""
@@ -80,6 +86,8 @@ class SequenceEncoder(nn.Module):
         x = self.dropout(self.input_norm(item_emb + self.position.weight[:length]))
         for layer in self.layers:
             x = layer(x)
+        if self.residual_weight is not None:
+            x = F.normalize(x, dim=-1) + self.residual_weight * F.normalize(item_emb, dim=-1)
         return x
 
 

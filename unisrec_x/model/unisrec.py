@@ -26,7 +26,7 @@ class UniSRec(nn.Module):
                  n_heads: int = 2, inner_dim: int = 256, dropout: float = 0.5, attn_dropout: float = 0.5,
                  max_seq_len: int = 50, n_experts: int = 8, adapter_dropout: float = 0.2, gate_noise: bool = True,
                  use_text: bool = True, use_item_id: bool = False, similarity: Similarity = "cosine",
-                 temperature: float = 0.07) -> None:
+                 temperature: float = 0.07, last_item_residual: bool = False) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -45,6 +45,9 @@ class UniSRec(nn.Module):
             use_item_id: item vectors include an ID embedding (transductive with text; SASRec without).
             similarity: ``cosine`` (L2-normalised, divided by ``temperature``, UniSRec) or ``dot`` (SASRec).
             temperature: softmax temperature for cosine scores.
+            last_item_residual: add the last history item's (unit) vector to the (unit) Transformer
+                output, with a learned weight (``SequenceEncoder``); cosine similarity only. Keeps
+                zero-shot transfer at least near the text-kNN baseline (docs/results.md).
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -62,6 +65,8 @@ class UniSRec(nn.Module):
             raise ValueError("model sizes out of range: " + ", ".join(too_small))
         if hidden_dim % n_heads:  # checked here too, so that n_layers=0 cannot hide it
             raise ValueError(f"hidden_dim {hidden_dim} is not divisible by n_heads {n_heads}")
+        if last_item_residual and similarity != "cosine":
+            raise ValueError("last_item_residual adds unit vectors, which fits cosine scoring only: set similarity='cosine'")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
@@ -71,7 +76,8 @@ class UniSRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
         if self.item_embedding is not None:
             nn.init.normal_(self.item_embedding.weight, std=0.02)
-        self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len)
+        self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len,
+                                       last_item_residual=last_item_residual)
         # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
         self.register_buffer("item_features", torch.zeros(0, plm_dim), persistent=False)
 

@@ -1,0 +1,45 @@
+"""Few-shot regimes: a listed share of users trains; everyone is still validated and tested."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unisrec_x.data.datamodule import SeqRecDataModule
+from unisrec_x.errors import DataError
+from tests.conftest import write
+
+
+@pytest.fixture(scope="module")
+def full(real_root):
+    return SeqRecDataModule("scientific/Scientific", data_root=str(real_root))
+
+
+def test_only_listed_users_train_and_everyone_is_evaluated(full, real_root, tmp_path):
+    users = full.data.domains[0].users
+    listed = users[::20]  # 5%
+    path = write(tmp_path / "users.txt", "\n".join(listed) + "\n")
+    few = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path))
+    kept = {tuple(s.tolist()) for s, u in zip(full.data.sequences, users) if u in set(listed)}
+    # the training targets are exactly those of the listed users' sequences
+    expected = torch.cat([torch.as_tensor(s[1:len(s) - 2]) for s in map(list, kept) if len(s) > 3])
+    assert sorted(few.examples("train").targets.tolist()) == sorted(expected.tolist())
+    assert len(few.examples("train").targets) < len(full.examples("train").targets) / 10
+    for split in ("valid", "test"):
+        assert torch.equal(few.examples(split).targets, full.examples(split).targets)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nobody-like-this\n", r"users.txt:1: user 'nobody-like-this' is not in the data"),
+    ("{u}\n\n{u}\n", r"users.txt:3: user '.*' is listed twice"),
+    ("\n  \n", r"users.txt: lists no users"),
+])
+def test_bad_user_lists_name_the_file_and_line(full, real_root, tmp_path, text, message):
+    path = write(tmp_path / "users.txt", text.format(u=full.data.domains[0].users[0]))
+    with pytest.raises(DataError, match=message):
+        SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path))
+
+
+def test_missing_user_list_is_named(real_root, tmp_path):
+    with pytest.raises(DataError, match="train_users file not found"):
+        SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(tmp_path / "none.txt"))

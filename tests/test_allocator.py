@@ -1,0 +1,54 @@
+"""The fixed mmap threshold: large blocks stay mmapped after glibc would have raised its threshold."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from unisrec_x.allocator import fix_mmap_threshold
+
+PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from unisrec_x.allocator import fix_mmap_threshold
+    fixed = fix_mmap_threshold(128 * 1024) if sys.argv[1] == "fix" else False
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    size = 4 << 20
+    libc.free(libc.malloc(size))   # glibc's dynamic threshold rises to 4 MB here
+    block = libc.malloc(size)      # ... so this block comes from the heap, unless the threshold is fixed
+    print(fixed, libc.mallinfo2().hblkhd >= size)
+""")
+
+
+def _probe(mode: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "UNISREC_X_MALLOC"}
+    return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                          env={**clean, **env}).stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_large_blocks_stay_mmapped_once_the_threshold_is_fixed():
+    assert _probe("fix") == ["True", "True"]
+    assert _probe("default") == ["False", "False"]  # glibc's own behaviour, which made the resident set creep
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_the_users_own_malloc_settings_win():
+    assert _probe("fix", MALLOC_TRIM_THRESHOLD_="1000000")[0] == "False"
+    assert _probe("fix", UNISREC_X_MALLOC="default") == ["False", "False"]
+
+
+def test_nothing_happens_off_linux(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert fix_mmap_threshold(1 << 20) is False

@@ -1,0 +1,71 @@
+"""The transfer benchmark's bookkeeping: recorded user samples, result files keyed by command, rows over seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unisrec_x import transfer
+from unisrec_x.transfer import ARMS, REGIMES, rows_of, run_one, user_sample
+
+ARM = {a.name: a for a in ARMS}
+
+
+def test_user_sample_is_drawn_once_and_reused(real_root, tmp_path):
+    path = user_sample("scientific/Scientific", 0.05, tmp_path, str(real_root))
+    users = path.read_text().split()
+    assert path.name == "users-5pct.txt" and len(users) == len(set(users))
+    from unisrec_x.data.datamodule import SeqRecDataModule
+
+    everyone = SeqRecDataModule("scientific/Scientific", data_root=str(real_root)).data.domains[0].users
+    assert set(users) <= set(everyone) and len(users) == round(0.05 * len(everyone))
+    path.write_text("".join(f"{u}\n" for u in users[:10]))  # a recorded sample is never redrawn
+    assert user_sample("scientific/Scientific", 0.05, tmp_path, str(real_root)).read_text().split() == users[:10]
+
+
+def test_popularity_arm_runs_in_process_and_its_result_is_reused(real_root, tmp_path, monkeypatch):
+    users = user_sample("scientific/Scientific", 0.2, tmp_path, str(real_root))
+    args = (ARM["popularity"], "scientific/Scientific", "20%", 1, tmp_path, tmp_path / "runs", users, None, False, str(real_root), 1)
+    record = run_one(*args)
+    saved = json.loads((tmp_path / "scientific-Scientific" / "20pct" / "popularity" / "seed1.json").read_text())
+    assert saved == record and saved["regime"] == "20%" and str(users) in saved["command"]
+    assert 0 < record["metrics"]["ndcg@10"] < record["metrics"]["recall@50"] < 1
+    assert 0 < record["metrics"]["long_tail/rows"] and record["metrics"]["long_tail/ndcg@10"] < record["metrics"]["ndcg@10"]
+    monkeypatch.setattr(transfer, "baseline", lambda *a: pytest.fail("re-ran a finished arm"))
+    assert run_one(*args) == record
+
+
+def test_trained_arm_reruns_only_when_its_command_changes(tmp_path, monkeypatch):
+    arm = ARM["sasrec"]
+    calls = []
+
+    def fake_run(cmd, run_dir, threads):
+        calls.append(cmd)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07, "long_tail/rows": 9.0,
+                   "long_tail/recall@10": 0.0, "long_tail/ndcg@10": 0.0, "long_tail/recall@50": 0.1, "long_tail/ndcg@50": 0.02}
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3, "peak_rss_mb": 900}))
+        return 1.0
+
+    monkeypatch.setattr(transfer, "run_process", fake_run)
+    base = (arm, "office", "100%", 1, tmp_path, tmp_path / "runs", None, None)
+    first = run_one(*base, False, None, 1)
+    assert run_one(*base, False, None, 1) == first and len(calls) == 1
+    assert "--data.dataset office" in first["command"] and "--seed_everything 1" in first["command"]
+    run_one(*base, True, None, 1)  # --quick is another command: run again
+    assert len(calls) == 2
+
+
+def test_rows_have_mean_and_std_over_seeds_and_a_long_tail_slice():
+    def record(seed, ndcg, tail):
+        return {"target": "t", "regime": "5%", "arm": "sasrec", "seed": seed,
+                "metrics": {"recall@10": 2 * ndcg, "ndcg@10": ndcg, "recall@50": 4 * ndcg, "ndcg@50": 2 * ndcg,
+                            "long_tail/rows": 7.0, "long_tail/recall@10": tail, "long_tail/ndcg@10": tail,
+                            "long_tail/recall@50": tail, "long_tail/ndcg@50": tail}}
+
+    rows = rows_of([record(1, 0.01, 0.0), record(2, 0.02, 0.1), record(3, 0.03, 0.2)], ARMS)
+    every, tail = (next(r for r in rows if r["slice"] == s) for s in ("all", "long-tail"))
+    assert every["seeds"] == [1, 2, 3] and every["ndcg@10_mean"] == pytest.approx(0.02)
+    assert every["ndcg@10_std"] == pytest.approx(0.01) and every["recall@10_mean"] == pytest.approx(0.04)
+    assert tail["rows"] == 7 and tail["ndcg@10_mean"] == pytest.approx(0.1) and tail["regime"] in REGIMES

@@ -1,0 +1,390 @@
+"""The transfer benchmark: pretrain once on source domains, then per target and data regime, every arm.
+
+    unisrec-x experiment transfer [--targets scientific/Scientific office] [--regimes zero-shot 5% 20% 100%]
+
+Regimes: ``zero-shot`` (no target training), few-shot with a fixed share of the target's users
+training (``5%``, ``20%``: one recorded sample, ``users-5%.txt``, the same for every arm and seed;
+validation and test on all users), ``100%``. Slices: all test rows, and ``long-tail``: rows whose
+target item is a training target at most 5 times in the data that regime used (zero-shot: the full
+training split). Every finished arm writes one small JSON under ``results/transfer/`` keyed by its
+exact command, committed, so a later session continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unisrec_x.experiment import DEFAULTS_VERSION, REPORTED
+from unisrec_x.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+REGIMES = {"zero-shot": 0.0, "5%": 0.05, "20%": 0.20, "100%": 1.0}
+DEFAULT_TARGETS = ["scientific/Scientific", "office"]
+LONG_TAIL_MAX_COUNT = 5
+#: Every text arm, pretrained or not, uses the same architecture: the pretrained arms differ only by their start.
+TEXT_MODEL = ["--model.init_args.net.init_args.last_item_residual", "true"]
+PRETRAIN_ARGS = ["-c", "configs/pretrain/pretrain.yaml", *TEXT_MODEL, "--trainer.max_epochs", "3",
+                 "--trainer.val_check_interval", "300"]
+QUICK_PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
+                       "--data.max_users", "3000", "--data.batch_size", "512"]
+QUICK_USERS = 3000
+QUICK_ARGS = ["--trainer.max_epochs", "6", "--data.max_users", str(QUICK_USERS)]
+#: --quick (the README's main job): one target and three regimes, so it finishes in minutes on 2 cores
+QUICK_TARGETS, QUICK_REGIMES = ["scientific/Scientific"], ["zero-shot", "20%", "100%"]
+
+
+@dataclass
+class Arm:
+    """One line of the plot: a training-free baseline (``kind``) or a ``unisrec-x`` command."""
+
+    name: str
+    label: str
+    args: list[str] = field(default_factory=list)
+    kind: str = "fit"  # fit | test | popularity | text_knn
+    pretrained: bool = False
+    regimes: tuple[str, ...] = ("5%", "20%", "100%")
+
+
+_PRE = ["--model.init_args.pretrained", "{pretrained}"]
+ARMS = [
+    Arm("popularity", "Popularity (training counts)", kind="popularity"),
+    Arm("text_knn", "Text-kNN (no training)", kind="text_knn", regimes=tuple(REGIMES)),
+    Arm("zero_shot", "Pretrained, zero-shot", ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *_PRE],
+        kind="test", pretrained=True, regimes=("zero-shot",)),
+    Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
+    Arm("scratch_inductive", "Scratch, inductive (text)", ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL]),
+    Arm("scratch_transductive", "Scratch, transductive (text + ID)",
+        ["-c", "configs/scientific/unisrec_transductive.yaml", *TEXT_MODEL]),
+    Arm("pretrained_inductive_adapter", "Pretrained, inductive, adapter only",
+        ["-c", "configs/transfer/finetune_inductive.yaml", *TEXT_MODEL, *_PRE], pretrained=True),
+    Arm("pretrained_inductive_full", "Pretrained, inductive, all parameters",
+        ["-c", "configs/transfer/finetune_inductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false", *_PRE],
+        pretrained=True),
+    Arm("pretrained_transductive", "Pretrained, transductive (text + ID), all parameters",
+        ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false", *_PRE],
+        pretrained=True),
+]
+SCRATCH = ("sasrec", "scratch_inductive", "scratch_transductive")
+
+
+def slug(text: str) -> str:
+    """A folder name for a target or regime: ``scientific/Scientific`` -> ``scientific-Scientific``, ``5%`` -> ``5pct``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
+
+
+def user_sample(target: str, share: float, results: Path, data_root: str | None, max_users: int | None = None) -> Path:
+    """The recorded few-shot sample: ``share`` of the target's users, drawn once (seed 0) and kept.
+
+    An existing file is reused as it is, so every arm, seed and later session trains on the same users.
+    """
+    path = results / slug(target) / f"users-{slug(f'{share:.0%}')}.txt"
+    if path.exists():
+        return path
+    from unisrec_x.data.datamodule import SeqRecDataModule
+
+    users = [u for d in SeqRecDataModule(target, data_root=data_root, max_users=max_users).data.domains for u in d.users]
+    chosen = sorted(random.Random(0).sample(range(len(users)), max(1, round(share * len(users)))))
+    atomic_write_bytes(path, "".join(f"{users[i]}\n" for i in chosen).encode())
+    log.info("%s: sampled %d of %d users for the %.0f%% regime -> %s", target, len(chosen), len(users), share * 100, path)
+    return path
+
+
+def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
+                pretrained: str | None, quick: bool, data_root: str | None) -> list[str]:
+    """The exact ``unisrec-x`` command of a trained arm (its key in the results folder)."""
+    cmd = ["unisrec-x", arm.kind, *[a.format(pretrained=pretrained) for a in arm.args], "--data.dataset", target,
+           "--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir.parent),
+           "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", run_dir.name,
+           "--trainer.enable_progress_bar", "false"]
+    if users is not None:
+        cmd += ["--data.train_users", str(users)]
+    if quick:
+        cmd += QUICK_ARGS if arm.kind == "fit" else ["--data.max_users", str(QUICK_USERS)]
+    if data_root:
+        cmd += ["--data.data_root", data_root]
+    return cmd
+
+
+def run_process(cmd: list[str], run_dir: Path, threads: int) -> float:
+    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds."""
+    if run_dir.exists():  # an interrupted or differently configured run: start it afresh
+        for old in sorted(run_dir.rglob("*"), reverse=True):
+            old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(run_dir / "stdout.log", "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env)
+    if proc.returncode != 0:
+        tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / 'stdout.log'}:\n"
+                           + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def finished(path: Path, command: str) -> dict | None:
+    """A result file made by exactly this command under today's defaults, else ``None``."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION else None
+
+
+def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int) -> dict:
+    """Pretrain once (or reuse the recorded run) and keep its weights beside the results.
+
+    The weights (``pretrained.pt``, the network only) are what the pretrained arms load, so a later
+    session reproduces their numbers even when the run folder is gone.
+    """
+    run_dir = runs / "pretrain" / f"seed{seed}"
+    cmd = ["unisrec-x", "fit", *PRETRAIN_ARGS, *(QUICK_PRETRAIN_ARGS if quick else []), "--seed_everything", str(seed),
+           "--trainer.logger.init_args.save_dir", str(run_dir.parent), "--trainer.logger.init_args.name", ".",
+           "--trainer.logger.init_args.version", run_dir.name, "--trainer.enable_progress_bar", "false"]
+    if data_root:
+        cmd += ["--data.data_root", data_root]
+    # The weights' name carries a hash of the command that made them, and the pretrained arms' commands
+    # name the weights: pretraining differently makes every pretrained arm's command (and key) new.
+    record_path = results / "pretraining.json"
+    weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
+    record = finished(record_path, shlex.join(cmd))
+    if record and weights.exists():
+        return record
+    log.info("pretraining: %s", shlex.join(cmd))
+    wall = run_process(cmd, run_dir, threads)
+    # the best validation on the sources (never a target's test split) picks the checkpoint
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best[-1] if best else run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, weights)
+    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "wall_s": round(wall, 1),
+              "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
+              "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir / "metrics.csv"),
+              "date": time.strftime("%Y-%m-%d")}
+    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    return record
+
+
+def _config_value(run_dir: Path, key: str):
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return config["data"][key]
+
+
+def _curve(metrics_csv: Path) -> list[dict]:
+    """Training loss (mean since the previous point) and source validation N@10 at each validation."""
+    import csv
+
+    rows, losses = [], []
+    for row in csv.DictReader(open(metrics_csv)):
+        if row.get("train/loss"):
+            losses.append(float(row["train/loss"]))
+        if row.get("val/ndcg@10"):
+            rows.append({"step": int(row["step"]) + 1, "train_loss": round(statistics.fmean(losses), 4) if losses else None,
+                         "val_ndcg@10": round(float(row["val/ndcg@10"]), 5)})
+            losses = []
+    return rows
+
+
+def baseline(arm: Arm, target: str, users: Path | None, quick: bool, data_root: str | None) -> dict:
+    """Popularity or text-kNN on the target's test split, with the long-tail slice, in this process."""
+    from unisrec_x.baselines import popularity, text_knn
+    from unisrec_x.data.datamodule import SeqRecDataModule
+
+    data = SeqRecDataModule(target, data_root=data_root, train_users=None if users is None else str(users),
+                            max_users=QUICK_USERS if quick else None)
+    targets = data.examples("train").targets
+    long_tail = (torch.bincount(targets, minlength=data.num_items + 1), LONG_TAIL_MAX_COUNT)
+    test = data.test_dataloader()
+    if arm.kind == "popularity":
+        return popularity(targets, data.num_items, test, long_tail=long_tail)
+    return text_knn(data.item_features, test, long_tail=long_tail)
+
+
+def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
+            pretrained: str | None, quick: bool, data_root: str | None, threads: int) -> dict:
+    """One (target, regime, arm, seed): reuse its result file if the command matches, else run it."""
+    where = Path(slug(target)) / slug(regime) / arm.name / f"seed{seed}"
+    result_path = results / where.with_suffix(".json")
+    if arm.kind in ("popularity", "text_knn"):
+        command = f"baseline {arm.kind} --data.dataset {target} --data.train_users {users}" + (" --quick" if quick else "")
+    else:
+        command = shlex.join(arm_command(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root))
+    record = finished(result_path, command)
+    if record:
+        return record
+    start = time.perf_counter()
+    if arm.kind in ("popularity", "text_knn"):
+        metrics, epochs, peak = baseline(arm, target, users, quick, data_root), 0, None
+    else:
+        log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
+        run_process(shlex.split(command), runs / where, threads)
+        out = json.loads((runs / where / "test_metrics.json").read_text())
+        metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
+    record = {"command": command, "defaults": DEFAULTS_VERSION, "target": target, "regime": regime, "arm": arm.name,
+              "seed": seed, "wall_s": round(time.perf_counter() - start, 1), "epochs": epochs, "peak_rss_mb": peak,
+              "metrics": {k: round(v, 6) for k, v in metrics.items()}}
+    atomic_write_bytes(result_path, json.dumps(record, indent=1).encode())
+    log.info("%s / %s / %s (seed %d): N@10 %.4f", target, regime, arm.name, seed, metrics["ndcg@10"])
+    return record
+
+
+def rows_of(records: list[dict], arms: list[Arm]) -> list[dict]:
+    """One row per (target, regime, arm, slice): mean and std over seeds of each reported metric."""
+    label = {a.name: a.label for a in arms}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["target"], r["regime"], r["arm"]), []).append(r)
+    rows = []
+    for (target, regime, arm), runs in groups.items():
+        for slice_name, prefix in (("all", ""), ("long-tail", "long_tail/")):
+            row = {"target": target, "regime": regime, "arm": arm, "label": label.get(arm, arm), "slice": slice_name,
+                   "seeds": sorted(r["seed"] for r in runs)}
+            if prefix:
+                counts = {r["metrics"].get("long_tail/rows") for r in runs}
+                row["rows"] = int(counts.pop()) if len(counts) == 1 and None not in counts else None
+                if not row["rows"]:
+                    continue
+            for metric in REPORTED:
+                values = [r["metrics"][prefix + metric] for r in runs]
+                row[f"{metric}_mean"] = round(statistics.fmean(values), 6)
+                row[f"{metric}_std"] = round(statistics.stdev(values), 6) if len(values) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], targets: list[str], regimes: list[str]) -> str:
+    """Per target and slice: arms down, regimes across, N@10 (mean ± std over seeds)."""
+    out = []
+    for target in targets:
+        for slice_name in ("all", "long-tail"):
+            out += [f"### {target}, {'all test users' if slice_name == 'all' else 'long-tail (target a training target <= 5 times)'}",
+                    "", "| arm | " + " | ".join(f"N@10 {r}" for r in regimes) + " |", "|---|" + "---|" * len(regimes)]
+            cells: dict[str, dict[str, str]] = {}
+            labels = {}
+            for row in rows:
+                if row["target"] == target and row["slice"] == slice_name:
+                    labels[row["arm"]] = row["label"]
+                    std = f" ± {row['ndcg@10_std']:.4f}" if len(row["seeds"]) > 1 else ""
+                    cells.setdefault(row["arm"], {})[row["regime"]] = f"{row['ndcg@10_mean']:.4f}{std}"
+            for arm in (a.name for a in ARMS):
+                if arm in cells:
+                    out.append(f"| {labels[arm]} | " + " | ".join(cells[arm].get(r, "") for r in regimes) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], target: str, path: Path) -> None:
+    """N@10 against the share of target training data, one line per arm, seeds' std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in ARMS:
+        mine = sorted((REGIMES[r["regime"]], r) for r in rows
+                      if r["target"] == target and r["arm"] == arm.name and r["slice"] == "all")
+        if not mine:
+            continue
+        xs = [x * 100 for x, _ in mine]
+        ax.errorbar(xs, [r["ndcg@10_mean"] for _, r in mine], yerr=[r["ndcg@10_std"] for _, r in mine],
+                    marker="o", capsize=3, label=arm.label, linestyle="--" if arm.kind != "fit" and arm.kind != "test" else "-")
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xticks([0, 5, 20, 100], ["0 (zero-shot)", "5%", "20%", "100%"])
+    ax.set_xlabel("share of the target's training users")
+    ax.set_ylabel("test NDCG@10 (full ranking)")
+    ax.set_title(f"Transfer to {target}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``unisrec-x experiment transfer``: pretrain, run every (target, regime, arm, seed), report."""
+    parser = argparse.ArgumentParser(prog="unisrec-x experiment transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", help="target datasets: a path prefix under the data root or a "
+                        f"source name (default: {' '.join(DEFAULT_TARGETS)}; --quick: {' '.join(QUICK_TARGETS)})")
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES),
+                        help=f"default: all; --quick: {' '.join(QUICK_REGIMES)}")
+    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
+    parser.add_argument("--full_seeds", type=int, nargs="+", default=[1], help="seeds of the 100%% regime")
+    parser.add_argument("--quick", action="store_true", help="a small real run: 3,000 users per domain, 6 epochs, 1 seed")
+    parser.add_argument("--jobs", type=int, default=1, help="arms run at once")
+    parser.add_argument("--threads", type=int, help="torch threads per arm (default: cores / jobs)")
+    parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--results", help="result files (default results/transfer, or results/transfer-quick)")
+    parser.add_argument("--runs", default="runs/experiments/transfer", help="run folders: logs and checkpoints")
+    parser.add_argument("--report", default="results", help="where transfer.json/.md and the plots go")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    targets = args.targets or (QUICK_TARGETS if quick else DEFAULT_TARGETS)
+    regimes = args.regimes or (QUICK_REGIMES if quick else list(REGIMES))
+    suffix = "-quick" if quick else ""
+    results = Path(args.results or f"results/transfer{suffix}")
+    runs = Path(args.runs + suffix)
+    seeds, full_seeds = ([args.seeds[0]], [args.seeds[0]]) if quick else (args.seeds, args.full_seeds)
+    arms = [a for a in ARMS if not args.arms or a.name in args.arms]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+
+    pretraining = None
+    if any(a.pretrained for a in arms):
+        pretraining = pretrain(results, runs, seeds[0], quick, args.data_root, (os.cpu_count() or 1))
+    weights = pretraining["weights"] if pretraining else None
+    jobs = []
+    for regime in regimes:  # regime-major: both targets' zero-shot and few-shot rows come first
+        for target in targets:
+            share = REGIMES[regime]
+            users = (user_sample(target, share, results, args.data_root, QUICK_USERS if quick else None)
+                     if 0 < share < 1 else None)
+            for arm in arms:
+                if regime not in arm.regimes:
+                    continue
+                for seed in (full_seeds if share == 1 else seeds if share > 0 and arm.kind == "fit" else [seeds[0]]):
+                    jobs.append((arm, target, regime, seed, users))
+    records = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, weights, quick, args.data_root,
+                               threads) for arm, target, regime, seed, users in jobs]
+        for future in futures:
+            records.append(future.result())
+    report(records, targets, regimes, pretraining, Path(args.report), suffix)
+
+
+def report(records: list[dict], targets: list[str], regimes: list[str], pretraining: dict | None,
+           out: Path, suffix: str) -> None:
+    """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target."""
+    rows = rows_of(records, ARMS)
+    atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
+        {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
+         "long_tail_max_count": LONG_TAIL_MAX_COUNT, "rows": rows, "pretraining": pretraining}, indent=1).encode())
+    table = markdown(rows, targets, regimes)
+    atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
+    for target in targets:
+        plot(rows, target, out / f"transfer{suffix}-{slug(target)}.png")
+    print(table)
