@@ -15,6 +15,6 @@ quiet_pip() {  # pip's notes about absent local index folders are noise here
 echo "setting up $VENV (first run only, about 2 minutes)" >&2
 python3 -m venv "$VENV"
 quiet_pip "torch==2.13.0"
-quiet_pip -e ".[test,plot,serve]"
+quiet_pip -e ".[test,plot,serve,codes]"
 rm -f "$VENV"/.installed-*
 touch "$stamp"

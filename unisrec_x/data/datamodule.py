@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from unisrec_x.codes import CodeMethod, CodeSettings, ItemCodes, item_codes
 from unisrec_x.data.augment import drop_words
 from unisrec_x.data.domain import MissingText, first_users, load_domain, without_items
 from unisrec_x.data.interactions import Duplicates
@@ -49,7 +50,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
                  training_examples: TrainingExamples = "positions", window_stride: int | None = None,
-                 bucket_pool_batches: int = 4, train_users: str | None = None) -> None:
+                 bucket_pool_batches: int = 4, train_users: str | None = None, code_method: CodeMethod = "opq") -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -90,6 +91,8 @@ class SeqRecDataModule(pl.LightningDataModule):
             train_users: a text file of user ids (relative to the working directory), one per line: only their sequences give training
                 examples (few-shot regimes); every user is still validated and tested, and every
                 history is still read as input. Default: all users train.
+            code_method: for models with item codes (``use_codes``): ``opq`` (VQ-Rec), ``pq`` or ``rq``
+                (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.codes``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -112,9 +115,11 @@ class SeqRecDataModule(pl.LightningDataModule):
             raise ValueError(f"training_examples must be 'prefixes' or 'positions', got {training_examples!r}")
         self.training_examples, self.window_stride = training_examples, window_stride
         self.bucket_pool_batches = bucket_pool_batches
+        self.code_method = code_method
         self.train_sequence_mask = None if train_users is None else training_mask(self.data, Path(train_users).expanduser())
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
+        self._codes: dict[tuple[int, int], ItemCodes] = {}
         for d in domains:
             log.info("%s: %d users, %d items, %d interactions", d.name, len(d.users), d.num_items, sum(map(len, d.sequences)))
 
@@ -130,6 +135,15 @@ class SeqRecDataModule(pl.LightningDataModule):
     def item_features(self) -> torch.Tensor:
         """Text vectors (num_items + 1, feature_dim), one cached matrix per domain; row 0 (padding) is zero."""
         return self._features(self.cache)
+
+    def item_codes(self, digits: int, codes_per_digit: int) -> ItemCodes:
+        """Codes of every item (``ItemCodes.codes``: (num_items, digits + 1)), fitted on the text vectors
+        with ``code_method`` and cached beside them."""
+        key = (digits, codes_per_digit)
+        if key not in self._codes:
+            settings = CodeSettings(self.code_method, digits, codes_per_digit, seed=0)
+            self._codes[key] = item_codes(self.item_features[1:].numpy(), settings)
+        return self._codes[key]
 
     @cached_property
     def word_drop_features(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Load pretrained weights into a ``UniSRec`` with every key accounted for.
 
-Item-ID embeddings never transfer (IDs mean nothing across domains): they are the only keys
-allowed to be missing or left behind. Anything else that does not match fails loudly,
+Item-ID and item-code embeddings never transfer (IDs and codes mean nothing across domains): they
+are the only keys allowed to be missing or left behind. Anything else that does not match fails loudly,
 naming the keys and shapes, instead of a silent ``strict=False`` partial load.
 """
 
@@ -15,7 +15,7 @@ import torch
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
 
-NON_TRANSFERABLE = ("item_embedding.",)
+NON_TRANSFERABLE = ("item_embedding.", "code_embedding.")  # IDs and codes mean nothing in another domain
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -41,8 +41,9 @@ class PretrainModule(SeqRecModule):
                 catalog, with the log-Q correction of the sampled loss (``SeqRecModule``), so that
                 popular items, frequent in-batch negatives, are not pushed down.
         """
-        if net.use_item_id:
-            raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False")
+        if net.use_item_id or net.use_codes:
+            raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
+                             "(IDs and codes mean nothing in another domain)")
         super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)

@@ -26,7 +26,8 @@ class UniSRec(nn.Module):
                  n_heads: int = 2, inner_dim: int = 256, dropout: float = 0.5, attn_dropout: float = 0.5,
                  max_seq_len: int = 50, n_experts: int = 8, adapter_dropout: float = 0.2, gate_noise: bool = True,
                  use_text: bool = True, use_item_id: bool = False, similarity: Similarity = "cosine",
-                 temperature: float = 0.07, last_item_residual: bool = False) -> None:
+                 temperature: float = 0.07, last_item_residual: bool = False, use_codes: bool = False,
+                 code_digits: int = 32, codes_per_digit: int = 256) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -48,18 +49,24 @@ class UniSRec(nn.Module):
             last_item_residual: add the last history item's (unit) vector to the (unit) Transformer
                 output, with a learned weight (``SequenceEncoder``); cosine similarity only. Keeps
                 zero-shot transfer at least near the text-kNN baseline (docs/results.md).
+            use_codes: item vectors include the mean of the item's code embeddings (semantic IDs,
+                ``unisrec_x.codes``): ``codes`` alone, or ``text+codes`` with ``use_text``.
+            code_digits: digits per item code (one embedding table each, plus one for the digit that
+                tells apart items with identical codes).
+            codes_per_digit: codes per digit (rows of each table).
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         #: constructor arguments, so a saved model can be rebuilt without its training config
         self.init_args = arguments
-        if not (use_text or use_item_id):
-            raise ValueError("an item needs text, an ID embedding, or both: set use_text or use_item_id")
+        if not (use_text or use_item_id or use_codes):
+            raise ValueError("an item needs text, an ID embedding or codes: set use_text, use_item_id or use_codes")
         if use_item_id and num_items <= 0:
             raise ValueError(f"use_item_id needs num_items > 0, got {num_items}")
         if similarity not in ("cosine", "dot"):
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
-        minimum = dict(num_items=0, n_layers=0, plm_dim=1, hidden_dim=1, n_heads=1, inner_dim=1, max_seq_len=1, n_experts=1)
+        minimum = dict(num_items=0, n_layers=0, plm_dim=1, hidden_dim=1, n_heads=1, inner_dim=1, max_seq_len=1, n_experts=1,
+                       code_digits=1, codes_per_digit=2)
         too_small = [f"{k}={arguments[k]} (at least {m})" for k, m in minimum.items() if arguments[k] < m]
         if too_small:
             raise ValueError("model sizes out of range: " + ", ".join(too_small))
@@ -70,12 +77,19 @@ class UniSRec(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
-        self.use_text, self.use_item_id = use_text, use_item_id
+        self.use_text, self.use_item_id, self.use_codes = use_text, use_item_id, use_codes
+        self.codes_per_digit = codes_per_digit
         self.similarity, self.temperature = similarity, temperature
         self.adapter = MoEAdapter(plm_dim, hidden_dim, n_experts, adapter_dropout, gate_noise) if use_text else None
         self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
         if self.item_embedding is not None:
             nn.init.normal_(self.item_embedding.weight, std=0.02)
+        self.code_embedding = nn.Embedding((code_digits + 1) * codes_per_digit, hidden_dim) if use_codes else None
+        if self.code_embedding is not None:
+            nn.init.normal_(self.code_embedding.weight, std=0.02)
+        # digit k's code c is row k * codes_per_digit + c of the one table
+        self.register_buffer("code_offsets", torch.arange(code_digits + 1) * codes_per_digit, persistent=False)
+        self.register_buffer("item_codes", torch.zeros(0, code_digits + 1, dtype=torch.long), persistent=False)
         self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len,
                                        last_item_residual=last_item_residual)
         # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
@@ -89,6 +103,15 @@ class UniSRec(nn.Module):
             raise ValueError(f"text features cover {features.shape[0] - 1} items but the ID embedding has {self.num_items}")
         self.item_features = features.to(self._device, torch.float32)
 
+    def set_item_codes(self, codes: torch.Tensor) -> None:
+        """Install the item codes, (num_items + 1, code_digits + 1) with row 0 the padding item."""
+        digits = self.code_offsets.shape[0]
+        if codes.ndim != 2 or codes.shape[1] != digits:
+            raise ValueError(f"item codes have shape {tuple(codes.shape)}, expected (items + 1, {digits})")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.codes_per_digit):
+            raise ValueError(f"item codes must lie in [0, {self.codes_per_digit}), got [{int(codes.min())}, {int(codes.max())}]")
+        self.item_codes = codes.to(self._device, torch.long)
+
     @property
     def _device(self) -> torch.device:
         return self.encoder.position.weight.device
@@ -101,7 +124,7 @@ class UniSRec(nn.Module):
         memory (it holds every expert's output for the rows it adapts): use it outside autograd
         for large catalogs.
         """
-        rows = self.item_features.shape[0] if self.use_text else self.num_items + 1
+        rows = self._rows()
         if chunk_size is None or rows <= chunk_size:
             return self.item_vectors(None)
         return torch.cat([self.item_vectors(torch.arange(start, min(start + chunk_size, rows), device=self._device))
@@ -113,9 +136,16 @@ class UniSRec(nn.Module):
         A step that touches a few thousand items of a large merged catalog (pretraining with
         in-batch negatives) adapts only those, and lookups stay ``table[item_seq]``.
         """
-        rows = self.item_features.shape[0] if self.use_text else self.num_items + 1
+        rows = self._rows()
         vectors = self.item_vectors(ids)  # (U, D)
         return vectors.new_zeros(rows, vectors.shape[-1]).index_copy(0, ids, vectors)
+
+    def _rows(self) -> int:
+        """Items + padding: from the text features or codes when used (they may outgrow ``num_items``
+        after ``add_items``), else the ID table."""
+        if self.use_text:
+            return self.item_features.shape[0]
+        return self.item_codes.shape[0] if self.use_codes else self.num_items + 1
 
     def item_vectors(self, ids: torch.Tensor | None) -> torch.Tensor:
         """Vectors of the items ``ids`` (any shape, 0 = padding) -> (*ids.shape, D); ``None`` = all items.
@@ -130,6 +160,12 @@ class UniSRec(nn.Module):
         if self.item_embedding is not None:
             ids_part = self.item_embedding.weight if ids is None else self.item_embedding(ids)
             vectors = ids_part if vectors is None else vectors + ids_part
+        if self.code_embedding is not None:
+            if self.item_codes.shape[0] == 0:
+                raise RuntimeError("UniSRec uses item codes but has none: call set_item_codes first")
+            codes = self.item_codes if ids is None else self.item_codes[ids]  # (..., digits + 1)
+            codes_part = self.code_embedding(codes + self.code_offsets).mean(dim=-2)
+            vectors = codes_part if vectors is None else vectors + codes_part
         return vectors
 
     def encode_sequences(self, item_seq: torch.Tensor, seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:

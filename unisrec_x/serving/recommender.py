@@ -102,6 +102,9 @@ class Recommender:
             raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
         if len(set(item_tokens)) != len(item_tokens):
             raise ValueError("item tokens must be unique")
+        if net.use_codes:  # issue 14, still open: codes and their quantizer are not saved or extended yet
+            raise ValueError("models with item codes (use_codes) cannot be served, saved or exported yet; "
+                             "evaluate them with `unisrec-x test`")
         self.net = net.eval()
         self.item_tokens, self.item_texts = list(item_tokens), list(item_texts)
         self.token_to_id = {t: i + 1 for i, t in enumerate(self.item_tokens)}
