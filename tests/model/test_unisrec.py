@@ -71,7 +71,7 @@ def test_gates_sum_to_one_and_noise_only_in_training():
 
 
 def test_invalid_configurations():
-    with pytest.raises(ValueError, match="text, an ID embedding, or both"):
+    with pytest.raises(ValueError, match="text, an ID embedding or codes"):
         UniSRec(num_items=5, use_text=False, use_item_id=False)
     with pytest.raises(RuntimeError, match="set_item_features"):
         UniSRec(num_items=5, plm_dim=PLM).item_table()
