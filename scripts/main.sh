@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/unisrec-x experiment transfer --quick "$@"
+exec .venv/bin/unisrec-x experiment transfer --quick --jobs 2 "$@"

@@ -4,7 +4,8 @@ glibc raises its mmap threshold each time a large mmapped block is freed (up to 
 after which tensors of a few MB come from the heap. Length-bucketed batches allocate tensors of
 ever-changing sizes, the freed heap fragments, and the resident set creeps up epoch after epoch:
 a Scientific SASRec-ID fit peaked at 2.1 GB after 4 epochs and 3.2-3.4 GB after a full fit. With
-the threshold fixed, blocks above it are mmapped and go back to the system when freed (docs/performance.md).
+the threshold fixed, blocks above it are mmapped and go back to the system when freed
+(benchmarks/README.md, "Peak memory"). ``UNISREC_X_MALLOC=default`` keeps glibc's behaviour.
 """
 
 from __future__ import annotations

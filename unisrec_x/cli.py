@@ -16,7 +16,7 @@ from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RN
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
-#: Blocks above this are mmapped and returned to the system when freed (allocator.py; docs/performance.md).
+#: Blocks above this are mmapped and returned to the system when freed (allocator.py; benchmarks/README.md, "Peak memory").
 MMAP_THRESHOLD = 128 * 1024
 
 

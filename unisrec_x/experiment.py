@@ -169,12 +169,9 @@ def plot_validation_curves(results: dict, path: Path) -> None:
     """Validation NDCG@10 per epoch for each trained arm (first seed), one line each."""
     import csv
 
-    import matplotlib
+    from unisrec_x import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.new_axes()
     for arm in results["arms"].values():
         run = arm["runs"][0]
         if not run.get("epochs"):
@@ -182,12 +179,5 @@ def plot_validation_curves(results: dict, path: Path) -> None:
             continue
         rows = [r for r in csv.DictReader(open(run["log"])) if r.get("val/ndcg@10")]
         ax.plot([int(r["epoch"]) + 1 for r in rows], [float(r["val/ndcg@10"]) for r in rows], marker=".", label=arm["label"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation NDCG@10")
-    ax.set_title(f"Scientific, {results['experiment']}{' (quick)' if results['quick'] else ''}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, "epoch", "validation NDCG@10",
+               f"Scientific, {results['experiment']}{' (quick)' if results['quick'] else ''}")

@@ -296,12 +296,9 @@ def markdown(rows: list[dict], targets: list[str], regimes: list[str]) -> str:
 
 def plot(rows: list[dict], target: str, path: Path) -> None:
     """N@10 against the share of target training data, one line per arm, seeds' std as error bars."""
-    import matplotlib
+    from unisrec_x import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.new_axes()
     for arm in ARMS:
         mine = sorted((REGIMES[r["regime"]], r) for r in rows
                       if r["target"] == target and r["arm"] == arm.name and r["slice"] == "all")
@@ -312,15 +309,7 @@ def plot(rows: list[dict], target: str, path: Path) -> None:
                     marker="o", capsize=3, label=arm.label, linestyle="--" if arm.kind != "fit" and arm.kind != "test" else "-")
     ax.set_xscale("symlog", linthresh=5)
     ax.set_xticks([0, 5, 20, 100], ["0 (zero-shot)", "5%", "20%", "100%"])
-    ax.set_xlabel("share of the target's training users")
-    ax.set_ylabel("test NDCG@10 (full ranking)")
-    ax.set_title(f"Transfer to {target}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, path, "share of the target's training users", "test NDCG@10 (full ranking)", f"Transfer to {target}")
 
 
 def main(argv: list[str] | None = None) -> None:
