@@ -69,3 +69,20 @@ def test_rows_have_mean_and_std_over_seeds_and_a_long_tail_slice():
     assert every["seeds"] == [1, 2, 3] and every["ndcg@10_mean"] == pytest.approx(0.02)
     assert every["ndcg@10_std"] == pytest.approx(0.01) and every["recall@10_mean"] == pytest.approx(0.04)
     assert tail["rows"] == 7 and tail["ndcg@10_mean"] == pytest.approx(0.1) and tail["regime"] in REGIMES
+
+
+def test_report_only_reports_finished_arms_and_runs_nothing(real_root, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    users = user_sample("scientific/Scientific", 0.2, results, str(real_root))
+    done = run_one(ARM["popularity"], "scientific/Scientific", "20%", 1, results, tmp_path / "runs", users, None, False,
+                   str(real_root), 1)
+    monkeypatch.setattr(transfer, "baseline", lambda *a: pytest.fail("ran a baseline"))
+    monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
+    transfer.main(["--report_only", "--targets", "scientific/Scientific", "--regimes", "20%", "--arms", "popularity", "sasrec",
+                   "zero_shot", "--results", str(results), "--runs", str(tmp_path / "runs"), "--report", str(tmp_path / "out"),
+                   "--data_root", str(real_root)])
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert {(r["arm"], r["slice"]) for r in report["rows"]} == {("popularity", "all"), ("popularity", "long-tail")}
+    row = next(r for r in report["rows"] if r["slice"] == "all")
+    assert row["ndcg@10_mean"] == done["metrics"]["ndcg@10"] and report["pretraining"] is None
+    assert (tmp_path / "out" / "transfer-scientific-Scientific.png").exists()

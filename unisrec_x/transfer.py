@@ -147,7 +147,8 @@ def finished(path: Path, command: str) -> dict | None:
     return record if record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION else None
 
 
-def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int) -> dict:
+def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int,
+             report_only: bool = False) -> dict | None:
     """Pretrain once (or reuse the recorded run) and keep its weights beside the results.
 
     The weights (``pretrained.pt``, the network only) are what the pretrained arms load, so a later
@@ -166,6 +167,8 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     record = finished(record_path, shlex.join(cmd))
     if record and weights.exists():
         return record
+    if report_only:
+        return None
     log.info("pretraining: %s", shlex.join(cmd))
     wall = run_process(cmd, run_dir, threads)
     # the best validation on the sources (never a target's test split) picks the checkpoint
@@ -222,8 +225,9 @@ def baseline(arm: Arm, target: str, users: Path | None, quick: bool, data_root: 
 
 
 def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
-            pretrained: str | None, quick: bool, data_root: str | None, threads: int) -> dict:
-    """One (target, regime, arm, seed): reuse its result file if the command matches, else run it."""
+            pretrained: str | None, quick: bool, data_root: str | None, threads: int, report_only: bool = False) -> dict | None:
+    """One (target, regime, arm, seed): reuse its result file if the command matches, else run it
+    (``report_only``: else ``None``)."""
     where = Path(slug(target)) / slug(regime) / arm.name / f"seed{seed}"
     result_path = results / where.with_suffix(".json")
     if arm.kind in ("popularity", "text_knn"):
@@ -231,7 +235,7 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
     else:
         command = shlex.join(arm_command(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root))
     record = finished(result_path, command)
-    if record:
+    if record or report_only:
         return record
     start = time.perf_counter()
     if arm.kind in ("popularity", "text_knn"):
@@ -330,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", help="result files (default results/transfer, or results/transfer-quick)")
     parser.add_argument("--runs", default="runs/experiments/transfer", help="run folders: logs and checkpoints")
     parser.add_argument("--report", default="results", help="where transfer.json/.md and the plots go")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: report the finished arms of this plan and count the pending ones")
     args = parser.parse_args(argv)
     quick = args.quick
     targets = args.targets or (QUICK_TARGETS if quick else DEFAULT_TARGETS)
@@ -343,8 +349,10 @@ def main(argv: list[str] | None = None) -> None:
 
     pretraining = None
     if any(a.pretrained for a in arms):
-        pretraining = pretrain(results, runs, seeds[0], quick, args.data_root, (os.cpu_count() or 1))
+        pretraining = pretrain(results, runs, seeds[0], quick, args.data_root, (os.cpu_count() or 1), args.report_only)
     weights = pretraining["weights"] if pretraining else None
+    if weights is None:  # report_only before pretraining finished: its arms are all pending
+        arms = [a for a in arms if not a.pretrained]
     jobs = []
     for regime in regimes:  # regime-major: both targets' zero-shot and few-shot rows come first
         for target in targets:
@@ -359,10 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, weights, quick, args.data_root,
-                               threads) for arm, target, regime, seed, users in jobs]
+                               threads, args.report_only) for arm, target, regime, seed, users in jobs]
         for future in futures:
             records.append(future.result())
-    report(records, targets, regimes, pretraining, Path(args.report), suffix)
+    pending = sum(r is None for r in records)
+    if pending:
+        log.warning("%d of %d runs of this plan are not finished yet; the report holds the others", pending, len(records))
+    report([r for r in records if r is not None], targets, regimes, pretraining, Path(args.report), suffix)
 
 
 def report(records: list[dict], targets: list[str], regimes: list[str], pretraining: dict | None,
