@@ -86,3 +86,24 @@ def test_report_only_reports_finished_arms_and_runs_nothing(real_root, tmp_path,
     row = next(r for r in report["rows"] if r["slice"] == "all")
     assert row["ndcg@10_mean"] == done["metrics"]["ndcg@10"] and report["pretraining"] is None
     assert (tmp_path / "out" / "transfer-scientific-Scientific.png").exists()
+
+
+def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
+    config = tmp_path / "arm.yaml"
+    config.write_text("model: {}\n")
+    arm = transfer.Arm("custom", "Custom", ["-c", str(config)])
+    calls = []
+
+    def fake_run(cmd, run_dir, threads):
+        calls.append(cmd)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07}
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3}))
+
+    monkeypatch.setattr(transfer, "run_process", fake_run)
+    args = (arm, "office", "100%", 1, tmp_path / "results", tmp_path / "runs", None, None, False, None, 1)
+    first = run_one(*args)
+    assert str(config) in first["configs"] and run_one(*args) == first and len(calls) == 1
+    config.write_text("model: {lr: 2}\n")  # same command line, other meaning
+    run_one(*args)
+    assert len(calls) == 2

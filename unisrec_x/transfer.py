@@ -139,12 +139,22 @@ def run_process(cmd: list[str], run_dir: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def config_digests(command: str) -> dict[str, str]:
+    """sha256 of each config file a command reads (``-c FILE``): editing a config changes what the
+    same command line means, so it must not reuse results made under the old file."""
+    words = shlex.split(command)
+    files = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-c", "--config")]
+    return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for f in files if Path(f).is_file()}
+
+
 def finished(path: Path, command: str) -> dict | None:
-    """A result file made by exactly this command under today's defaults, else ``None``."""
+    """A result file made by exactly this command, under today's defaults and config files, else ``None``."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION else None
+    same = (record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION
+            and record.get("configs") == config_digests(command))
+    return record if same else None
 
 
 def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int,
@@ -179,7 +189,8 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)
     os.replace(tmp, weights)
-    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "wall_s": round(wall, 1),
+    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
+              "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
               "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir / "metrics.csv"),
               "date": time.strftime("%Y-%m-%d")}
@@ -245,7 +256,8 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         run_process(shlex.split(command), runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
-    record = {"command": command, "defaults": DEFAULTS_VERSION, "target": target, "regime": regime, "arm": arm.name,
+    record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
+              "target": target, "regime": regime, "arm": arm.name,
               "seed": seed, "wall_s": round(time.perf_counter() - start, 1), "epochs": epochs, "peak_rss_mb": peak,
               "metrics": {k: round(v, 6) for k, v in metrics.items()}}
     atomic_write_bytes(result_path, json.dumps(record, indent=1).encode())
