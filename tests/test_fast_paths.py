@@ -238,6 +238,9 @@ def test_pretraining_with_sampled_negatives_is_the_log_q_corrected_sampled_softm
     assert ours.item() == pytest.approx(finetune.training_step(windows, 0).item(), rel=1e-5)
     # and it is not the in-batch loss: the negatives count
     assert ours.item() != pytest.approx(PretrainModule(net, lambda_seq_seq=0).training_step(windows, 0).item(), rel=1e-3)
+    # without item popularity there is no sampler: an error, never a silent fall-back to in-batch negatives
+    with pytest.raises(RuntimeError, match="negatives > 0 needs item popularity"):
+        PretrainModule(net, lambda_seq_seq=0, negatives=16).training_step(windows, 0)
 
 
 def test_partial_item_table_equals_the_whole_table_on_its_rows_and_gradients():

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from unisrec_x import transfer
-from unisrec_x.transfer import ARMS, REGIMES, rows_of, run_one, user_sample
+from unisrec_x.transfer import ARMS, REGIMES, run_one, user_sample
+from unisrec_x.transfer_report import rows_of
 
 ARM = {a.name: a for a in ARMS}
 

@@ -39,12 +39,3 @@ def fix_mmap_threshold(threshold: int) -> bool:
         log.debug("glibc mmap threshold fixed at %d bytes", threshold)
     return done
 
-
-def release_free_heap() -> bool:
-    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); ``False`` off glibc."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))

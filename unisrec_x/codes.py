@@ -172,15 +172,16 @@ def item_codes(features: np.ndarray, settings: CodeSettings, root: str | Path | 
     log.info("item codes (%s, %d digits x %d): %d of %d items shared their code tuple with another%s",
              settings.method, settings.digits, settings.codes_per_digit, collided, len(x),
              f" (extra digit up to {codes[:, -1].max()})" if collided else "")
-    if codes[:, -1].max() >= settings.codes_per_digit:  # a group larger than one digit can number
+    largest = int(codes[:, -1].max()) + 1
+    if largest > settings.codes_per_digit:  # a group larger than one digit can number
         codes[:, -1] %= settings.codes_per_digit
         log.warning("up to %d items share one code tuple, more than codes_per_digit=%d can tell apart: %d items still "
-                    "share their codes (use more digits or codes per digit)", int(codes[:, -1].max()) + 1,
+                    "share their codes (use more digits or codes per digit)", largest,
                     settings.codes_per_digit, len(codes) - len(np.unique(codes, axis=0)))
     import io
 
     buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), codes=codes.astype(np.int16 if settings.codes_per_digit <= 256 else np.int64),
+    np.savez(buffer, key=np.array(key), codes=codes.astype(np.int16),  # codes_per_digit <= 256
              quantizer=np.frombuffer(quantizer.to_bytes(), dtype=np.uint8), collided=np.array(collided))
     atomic_write_bytes(path, buffer.getvalue())
     return ItemCodes(codes, quantizer, collided)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import statistics
 import subprocess
@@ -74,6 +75,28 @@ def arm_command(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str 
     return cmd
 
 
+def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> float:
+    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds.
+
+    ``run_dir`` is this runner's own folder for that run: whatever an interrupted or differently
+    configured run left there is removed first. ``threads`` sets ``OMP_NUM_THREADS`` for the child.
+    """
+    if run_dir.exists():
+        for old in sorted(run_dir.rglob("*"), reverse=True):
+            old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.perf_counter()
+    with open(run_dir / "stdout.log", "w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env)
+    if proc.returncode != 0:
+        tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / 'stdout.log'}:\n"
+                           + "\n".join(tail))
+    return time.perf_counter() - start
+
+
 def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | None) -> dict:
     """Train and test one arm in a fresh process; return its metrics, wall time and command."""
     cmd = arm_command(arm, seed, out_dir, quick, data_root)
@@ -84,18 +107,8 @@ def run_arm(arm: Arm, seed: int, out_dir: Path, quick: bool, data_root: str | No
         log.info("%s (seed %d): reusing the finished run in %s", arm.label, seed, run_dir)
         wall = finished["wall_s"]
     else:
-        if run_dir.exists():  # an interrupted or differently configured run: start it afresh
-            for old in sorted(run_dir.rglob("*"), reverse=True):
-                old.unlink() if old.is_file() else old.rmdir()
-        run_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s (seed %d): %s", arm.label, seed, shlex.join(cmd))
-        start = time.perf_counter()
-        with open(run_dir / "stdout.log", "w") as handle:
-            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
-            raise RuntimeError(f"arm {arm.name} failed (exit {proc.returncode}); last lines of {run_dir / 'stdout.log'}:\n" + "\n".join(tail))
+        wall = run_process(cmd, run_dir)
         atomic_write_bytes(done_marker, json.dumps({"command": shlex.join(cmd), "wall_s": round(wall, 1),
                                                     "defaults": DEFAULTS_VERSION}).encode())
     result = json.loads((run_dir / "test_metrics.json").read_text())

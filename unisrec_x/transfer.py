@@ -18,11 +18,8 @@ import json
 import logging
 import os
 import random
-import re
 import shlex
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from unisrec_x.experiment import DEFAULTS_VERSION, REPORTED
+from unisrec_x.experiment import DEFAULTS_VERSION, run_process
 from unisrec_x.paths import atomic_write_bytes
+from unisrec_x.transfer_report import report, slug
 
 log = logging.getLogger(__name__)
 REGIMES = {"zero-shot": 0.0, "5%": 0.05, "20%": 0.20, "100%": 1.0}
@@ -83,11 +81,6 @@ ARMS = [
 SCRATCH = ("sasrec", "scratch_inductive", "scratch_transductive")
 
 
-def slug(text: str) -> str:
-    """A folder name for a target or regime: ``scientific/Scientific`` -> ``scientific-Scientific``, ``5%`` -> ``5pct``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
-
-
 def user_sample(target: str, share: float, results: Path, data_root: str | None, max_users: int | None = None) -> Path:
     """The recorded few-shot sample: ``share`` of the target's users, drawn once (seed 0) and kept.
 
@@ -119,24 +112,6 @@ def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, us
     if data_root:
         cmd += ["--data.data_root", data_root]
     return cmd
-
-
-def run_process(cmd: list[str], run_dir: Path, threads: int) -> float:
-    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds."""
-    if run_dir.exists():  # an interrupted or differently configured run: start it afresh
-        for old in sorted(run_dir.rglob("*"), reverse=True):
-            old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as handle:
-        proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle, stderr=subprocess.STDOUT,
-                              env=env)
-    if proc.returncode != 0:
-        tail = (run_dir / "stdout.log").read_text().splitlines()[-15:]
-        raise RuntimeError(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / 'stdout.log'}:\n"
-                           + "\n".join(tail))
-    return time.perf_counter() - start
 
 
 def config_digests(command: str) -> dict[str, str]:
@@ -265,69 +240,6 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
     return record
 
 
-def rows_of(records: list[dict], arms: list[Arm]) -> list[dict]:
-    """One row per (target, regime, arm, slice): mean and std over seeds of each reported metric."""
-    label = {a.name: a.label for a in arms}
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["target"], r["regime"], r["arm"]), []).append(r)
-    rows = []
-    for (target, regime, arm), runs in groups.items():
-        for slice_name, prefix in (("all", ""), ("long-tail", "long_tail/")):
-            row = {"target": target, "regime": regime, "arm": arm, "label": label.get(arm, arm), "slice": slice_name,
-                   "seeds": sorted(r["seed"] for r in runs)}
-            if prefix:
-                counts = {r["metrics"].get("long_tail/rows") for r in runs}
-                row["rows"] = int(counts.pop()) if len(counts) == 1 and None not in counts else None
-                if not row["rows"]:
-                    continue
-            for metric in REPORTED:
-                values = [r["metrics"][prefix + metric] for r in runs]
-                row[f"{metric}_mean"] = round(statistics.fmean(values), 6)
-                row[f"{metric}_std"] = round(statistics.stdev(values), 6) if len(values) > 1 else 0.0
-            rows.append(row)
-    return rows
-
-
-def markdown(rows: list[dict], targets: list[str], regimes: list[str]) -> str:
-    """Per target and slice: arms down, regimes across, N@10 (mean ± std over seeds)."""
-    out = []
-    for target in targets:
-        for slice_name in ("all", "long-tail"):
-            out += [f"### {target}, {'all test users' if slice_name == 'all' else 'long-tail (target a training target <= 5 times)'}",
-                    "", "| arm | " + " | ".join(f"N@10 {r}" for r in regimes) + " |", "|---|" + "---|" * len(regimes)]
-            cells: dict[str, dict[str, str]] = {}
-            labels = {}
-            for row in rows:
-                if row["target"] == target and row["slice"] == slice_name:
-                    labels[row["arm"]] = row["label"]
-                    std = f" ± {row['ndcg@10_std']:.4f}" if len(row["seeds"]) > 1 else ""
-                    cells.setdefault(row["arm"], {})[row["regime"]] = f"{row['ndcg@10_mean']:.4f}{std}"
-            for arm in (a.name for a in ARMS):
-                if arm in cells:
-                    out.append(f"| {labels[arm]} | " + " | ".join(cells[arm].get(r, "") for r in regimes) + " |")
-            out.append("")
-    return "\n".join(out)
-
-
-def plot(rows: list[dict], target: str, path: Path) -> None:
-    """N@10 against the share of target training data, one line per arm, seeds' std as error bars."""
-    from unisrec_x import plots
-
-    fig, ax = plots.new_axes()
-    for arm in ARMS:
-        mine = sorted((REGIMES[r["regime"]], r) for r in rows
-                      if r["target"] == target and r["arm"] == arm.name and r["slice"] == "all")
-        if not mine:
-            continue
-        xs = [x * 100 for x, _ in mine]
-        ax.errorbar(xs, [r["ndcg@10_mean"] for _, r in mine], yerr=[r["ndcg@10_std"] for _, r in mine],
-                    marker="o", capsize=3, label=arm.label, linestyle="--" if arm.kind != "fit" and arm.kind != "test" else "-")
-    ax.set_xscale("symlog", linthresh=5)
-    ax.set_xticks([0, 5, 20, 100], ["0 (zero-shot)", "5%", "20%", "100%"])
-    plots.save(fig, ax, path, "share of the target's training users", "test NDCG@10 (full ranking)", f"Transfer to {target}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """``unisrec-x experiment transfer``: pretrain, run every (target, regime, arm, seed), report."""
     parser = argparse.ArgumentParser(prog="unisrec-x experiment transfer", description=__doc__,
@@ -385,18 +297,5 @@ def main(argv: list[str] | None = None) -> None:
     pending = sum(r is None for r in records)
     if pending:
         log.warning("%d of %d runs of this plan are not finished yet; the report holds the others", pending, len(records))
-    report([r for r in records if r is not None], targets, regimes, pretraining, Path(args.report), suffix)
-
-
-def report(records: list[dict], targets: list[str], regimes: list[str], pretraining: dict | None,
-           out: Path, suffix: str) -> None:
-    """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target."""
-    rows = rows_of(records, ARMS)
-    atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
-        {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
-         "long_tail_max_count": LONG_TAIL_MAX_COUNT, "rows": rows, "pretraining": pretraining}, indent=1).encode())
-    table = markdown(rows, targets, regimes)
-    atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
-    for target in targets:
-        plot(rows, target, out / f"transfer{suffix}-{slug(target)}.png")
-    print(table)
+    report([r for r in records if r is not None], ARMS, REGIMES, targets, regimes, pretraining, LONG_TAIL_MAX_COUNT,
+           Path(args.report), suffix)

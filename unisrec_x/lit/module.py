@@ -74,7 +74,7 @@ class SeqRecModule(pl.LightningModule):
         if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
         if self.net.use_codes:
-            codes = self.datamodule.item_codes(self.net.code_offsets.shape[0] - 1, self.net.codes_per_digit).codes
+            codes = self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).codes
             self.net.set_item_codes(torch.cat([torch.zeros(1, codes.shape[1], dtype=torch.long), torch.from_numpy(codes)]))
         targets = self.datamodule.examples("train").targets
         if stage == "fit":

@@ -69,12 +69,16 @@ class PretrainModule(SeqRecModule):
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
         # Both tasks read only the batch's histories, targets (and negatives): adapt those items, not the catalog.
-        negatives = self.sampler.sample(batch.target.device) if self.sampler is not None else batch.target.new_zeros(0)
+        sampled = self.loss == "sampled"
+        if sampled and self.sampler is None:
+            raise RuntimeError("negatives > 0 needs item popularity: train through a SeqRecDataModule "
+                               "(or call set_training_targets)")
+        negatives = self.sampler.sample(batch.target.device) if sampled else batch.target.new_zeros(0)
         table = self.net.partial_item_table(torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten(),
                                                                     negatives])))
         seq_repr, target = self.training_queries(batch, table[batch.item_seq])  # (M, D), (M,)
         temperature = self.net.temperature
-        if self.sampler is None:
+        if not sampled:
             # Rows that share a next item are not negatives of each other in either task.
             loss_seq_item = info_nce(seq_repr, table[target], temperature, same_target=target)
         else:

@@ -78,7 +78,7 @@ class UniSRec(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
         self.use_text, self.use_item_id, self.use_codes = use_text, use_item_id, use_codes
-        self.codes_per_digit = codes_per_digit
+        self.code_digits, self.codes_per_digit = code_digits, codes_per_digit
         self.similarity, self.temperature = similarity, temperature
         self.adapter = MoEAdapter(plm_dim, hidden_dim, n_experts, adapter_dropout, gate_noise) if use_text else None
         self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
