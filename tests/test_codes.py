@@ -126,6 +126,12 @@ def test_code_models_item_table_equals_its_item_vectors_and_new_items_get_codes(
     # a new item's codes come from its text; a near-duplicate of item 5 shares most of item 5's digits
     twin = features[4:5] + 1e-4
     new = fitted.codes_for(twin)
-    assert new.shape == (1, 5) and new[0, -1] == 0 and (new[0, :4] == fitted.codes[4, :4]).sum() >= 3
+    assert new.shape == (1, 5) and (new[0, :4] == fitted.codes[4, :4]).sum() >= 3
+    # its collision digit is the next one in its tuple's group (wrapping at 16 codes: this group is larger)
+    size = int((fitted.codes[:, :4] == new[0, :4]).all(1).sum())
+    assert size > 1 and new[0, -1] == size % 16
+    grown, added = fitted.extended(np.concatenate([twin, twin]))
+    np.testing.assert_array_equal(added[:, -1], [size % 16, (size + 1) % 16])
+    np.testing.assert_array_equal(grown.codes, np.concatenate([fitted.codes, added]))
     with pytest.raises(ValueError, match="item codes must lie"):
         net.set_item_codes(codes + 16)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -144,9 +145,34 @@ class ItemCodes:
     collided: int
 
     def codes_for(self, features: np.ndarray) -> np.ndarray:
-        """Codes of new items (e.g. ``Recommender.add_items``): their text's codes, collision digit 0."""
+        """Codes of new items (``Recommender.add_items``): their text's codes, and as collision digit the
+        next free rank in their tuple's group (items of the catalog first, then earlier new ones)."""
         new = self.quantizer.encode(features)
-        return np.concatenate([new, np.zeros((len(new), 1), dtype=np.int64)], axis=1)
+        digits, per_digit = self.settings.digits, self.settings.codes_per_digit
+        taken = Counter(_row_keys(self.codes[:, :digits]))
+        rank = np.empty(len(new), dtype=np.int64)
+        for i, key in enumerate(_row_keys(new)):
+            rank[i] = taken[key]
+            taken[key] += 1
+        if rank.max(initial=0) >= per_digit:
+            log.warning("%d new items share a code tuple with %d or more items: their collision digit wraps around",
+                        int((rank >= per_digit).sum()), per_digit)
+        return np.concatenate([new, (rank % per_digit)[:, None]], axis=1)
+
+    def extended(self, features: np.ndarray) -> tuple["ItemCodes", np.ndarray]:
+        """These codes with new items' appended (a new object: a reader never sees half an update),
+        and the new items' codes."""
+        new = self.codes_for(features)
+        return ItemCodes(np.concatenate([self.codes, new]), self.quantizer, self.collided), new
+
+    @property
+    def settings(self) -> CodeSettings:
+        return self.quantizer.settings
+
+
+def _row_keys(codes: np.ndarray) -> list[bytes]:
+    """One hashable key per code tuple."""
+    return [row.tobytes() for row in np.ascontiguousarray(codes, dtype=np.int16)]
 
 
 def item_codes(features: np.ndarray, settings: CodeSettings, root: str | Path | None = None) -> ItemCodes:

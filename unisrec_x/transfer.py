@@ -57,6 +57,7 @@ class Arm:
     kind: str = "fit"  # fit | test | popularity | text_knn
     pretrained: bool = False
     regimes: tuple[str, ...] = ("5%", "20%", "100%")
+    in_quick: bool = True  # part of ``--quick`` (the main job, which must finish in minutes)
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -77,6 +78,14 @@ ARMS = [
     Arm("pretrained_transductive", "Pretrained, transductive (text + ID), all parameters",
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false", *_PRE],
         pretrained=True),
+    # semantic IDs (issue 14): codes are per domain, so the pretrained arm transfers the text path and
+    # learns the target's code embeddings from scratch (OPQ codes fitted on the target's item texts)
+    Arm("scratch_text_codes", "Scratch, text + codes",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL], in_quick=False),
+    Arm("pretrained_text_codes", "Pretrained, text + codes, all parameters",
+        ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
+         "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true", *_PRE],
+        pretrained=True, in_quick=False),
 ]
 SCRATCH = ("sasrec", "scratch_inductive", "scratch_transductive")
 
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results or f"results/transfer{suffix}")
     runs = Path(args.runs + suffix)
     seeds, full_seeds = ([args.seeds[0]], [args.seeds[0]]) if quick else (args.seeds, args.full_seeds)
-    arms = [a for a in ARMS if not args.arms or a.name in args.arms]
+    arms = [a for a in ARMS if (a.name in args.arms if args.arms else a.in_quick or not quick)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
 
     pretraining = None

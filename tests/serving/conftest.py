@@ -1,4 +1,4 @@
-"""A small inductive model trained on real Scientific data with one real item held out.
+"""Small models (inductive; text + codes) trained on real Scientific data with one real item held out.
 
 The held-out item is eSUN's black PETG filament (id 590): six other colours of the same
 filament stay in the catalog, so "a history of near-identical items" is real data, not made up.
@@ -25,14 +25,25 @@ def held_out_text(real_root: Path) -> str:
     return read_text_file(f"{prefix}.text", f"{prefix}.item2index")[HELD_OUT]
 
 
-@pytest.fixture(scope="session")
-def held_out_checkpoint(real_root: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _fit_without_held_out(config: Path, real_root: Path, shared_cache: Path, out: Path, *extra: str) -> Path:
     """Best checkpoint of 2 epochs on the first 300 users, trained without the held-out item."""
-    out = tmp_path_factory.mktemp("held-out")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNISREC_X_CACHE", str(shared_cache))
-        main(["fit", "-c", str(CONFIG), "--data.data_root", str(real_root), "--data.max_users", "300",
+        main(["fit", "-c", str(config), "--data.data_root", str(real_root), "--data.max_users", "300",
               "--data.exclude_items", f'["{HELD_OUT}"]', "--trainer.max_epochs", "2", "--test_after_fit", "false",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.logger.init_args.save_dir", str(out)])
+              "--trainer.logger.init_args.save_dir", str(out), *extra])
     return next(out.rglob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
+def held_out_checkpoint(real_root: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An inductive (text-only) model."""
+    return _fit_without_held_out(CONFIG, real_root, shared_cache, tmp_path_factory.mktemp("held-out"))
+
+
+@pytest.fixture(scope="session")
+def held_out_codes_checkpoint(real_root: Path, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text + codes model (semantic IDs: OPQ codes, 8 digits of 256 to keep the quantizer's fit short)."""
+    return _fit_without_held_out(CONFIG.parent / "unisrec_text_codes.yaml", real_root, shared_cache,
+                                 tmp_path_factory.mktemp("held-out-codes"), "--model.init_args.net.init_args.code_digits", "8")

@@ -58,7 +58,7 @@ def _drop(section, key):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_drop(None, "items"), r"model.json has missing keys items \(expected format, version, net, text, items\)"),
+    (_drop(None, "items"), r"model.json has missing keys items \(expected format, version, net, text, items, codes\)"),
     (_set(None, "extra", 1), "model.json has unknown keys extra"),
     (_set(None, "version", 2), "not a unisrec-x-model v1 manifest"),
     (_set("net", "n_heads", 7), "net: hidden_dim 4 is not divisible by n_heads 7"),
@@ -190,3 +190,45 @@ def test_cli_prints_one_line_and_exits_2(model, capsys):
         main(["recommend", "--ckpt", str(model), "--history", "a"])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and len(err.splitlines()) == 1 and "model.json: net has arguments of the wrong type" in err
+
+
+@pytest.fixture
+def code_model(tmp_path):
+    """A tiny text + codes model (40 items, PQ codes of 2 digits x 4) saved as a model directory."""
+    from unisrec_x.codes import CodeSettings, item_codes
+
+    torch.manual_seed(0)
+    features = torch.randn(41, 8)
+    features[0] = 0
+    codes = item_codes(features[1:].numpy(), CodeSettings("pq", digits=2, codes_per_digit=4), root=tmp_path / "cache")
+    net = UniSRec(num_items=40, plm_dim=8, hidden_dim=4, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2,
+                  use_codes=True, code_digits=2, codes_per_digit=4)
+    tokens = [f"i{k}" for k in range(40)]
+    rec = Recommender(net, tokens, [f"Item {k}" for k in range(40)], features, TextSettings("enc"), item_codes=codes)
+    return rec.save(tmp_path / "model")
+
+
+def _save_codes(array):
+    return lambda model: np.save(model / "item_codes.npy", array)
+
+
+@pytest.mark.parametrize("damage, name, message", [
+    (lambda m: (m / "quantizer.faiss").unlink(), "quantizer.faiss", "without quantizer.faiss"),
+    (lambda m: (m / "quantizer.faiss").write_bytes(b"not an index"), "quantizer.faiss", "cannot be read as a faiss index"),
+    (lambda m: (m / "item_codes.npy").unlink(), "item_codes.npy", "without item_codes.npy"),
+    (lambda m: (m / "item_codes.npy").write_bytes(b"\x93NUMPY"), "item_codes.npy", "cannot be read"),
+    (_save_codes(np.zeros((40, 3), np.float32)), "item_codes.npy", "integer codes"),
+    (_save_codes(np.zeros((39, 3), np.int16)), "item_codes.npy", r"shape \(39, 3\), expected \(40, 3\)"),
+    (_save_codes(np.full((40, 3), 4, np.int16)), "item_codes.npy", r"outside \[0, 4\)"),
+    (lambda m: _edit_manifest(m, lambda d: d.pop("codes")), "model.json", "no \"codes\" settings"),
+    (lambda m: _edit_manifest(m, lambda d: d["codes"].update(digits=3)), "model.json", "3 digits x 4 but the network"),
+    (lambda m: _edit_manifest(m, lambda d: d["codes"].update(method="kmeans")), "model.json", "method='kmeans'"),
+    (lambda m: _edit_manifest(m, lambda d: d["codes"].update(codes_per_digit=6)), "model.json", "power of two"),
+])
+def test_code_model_directories_load_and_damaged_code_files_are_named(code_model, damage, name, message):
+    intact = Recommender.from_checkpoint(code_model)  # loads as saved, codes and quantizer included
+    assert intact.item_codes.codes.shape == (40, 3) and len(intact.recommend([["i1", "i2"]], k=5)[0]) == 5
+    damage(code_model)
+    with pytest.raises(DataError, match=message) as err:
+        Recommender.from_checkpoint(code_model)
+    assert name in str(err.value)

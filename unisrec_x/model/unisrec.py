@@ -163,8 +163,24 @@ class UniSRec(nn.Module):
         if self.code_embedding is not None:
             if self.item_codes.shape[0] == 0:
                 raise RuntimeError("UniSRec uses item codes but has none: call set_item_codes first")
-            codes = self.item_codes if ids is None else self.item_codes[ids]  # (..., digits + 1)
-            codes_part = self.code_embedding(codes + self.code_offsets).mean(dim=-2)
+            codes_part = self.code_vectors(self.item_codes if ids is None else self.item_codes[ids])
+            vectors = codes_part if vectors is None else vectors + codes_part
+        return vectors
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code tuples (..., digits + 1) -> the mean of their code embeddings (..., D)."""
+        return self.code_embedding(codes + self.code_offsets).mean(dim=-2)
+
+    def new_item_vectors(self, features: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """Vectors of items outside the tables (``Recommender.add_items``), from text vectors (n, plm_dim)
+        and codes (n, digits + 1): the text and code parts; a new item has no trained ID, so no ID part."""
+        if not (self.use_text or self.use_codes):
+            raise ValueError("an ID-only model has no vector for an item it was not trained on")
+        vectors = self.adapter(features) if self.use_text else None
+        if self.use_codes:
+            if codes is None:
+                raise ValueError("this model uses item codes: new items need codes")
+            codes_part = self.code_vectors(codes.to(self._device, torch.long))
             vectors = codes_part if vectors is None else vectors + codes_part
         return vectors
 

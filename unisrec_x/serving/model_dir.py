@@ -11,6 +11,8 @@ after training:
                         alias is another name of the item, e.g. its ASIN, or empty)
     item_features.npy   (N + 1, plm_dim) float32 text vectors, row 0 = padding (read with
                         allow_pickle=False; any float dtype or byte order becomes native float32)
+    item_codes.npy      models with item codes: (N, digits + 1) int16 codes of items 1..N
+    quantizer.faiss     ... and the faiss quantizer that gives new items their codes
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
+from unisrec_x.codes import CodeSettings, ItemCodes, ItemQuantizer, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 FORMAT = "unisrec-x-model"
 VERSION = 1
 MODEL_DIR = OutputKind("model directory", "model.json", FORMAT,
-                      frozenset({"model.json", "weights.pt", "items.item", "item_features.npy"}))
+                      frozenset({"model.json", "weights.pt", "items.item", "item_features.npy", "item_codes.npy",
+                                 "quantizer.faiss"}))
 ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq"), ("alias", "token")]
 
 
@@ -64,11 +69,12 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     data = SeqRecDataModule(**data_args)
     net = UniSRec(**net_args)
     _load_weights(net, state, path)
-    tokens, texts = _merged_items(data, net.use_text)
+    tokens, texts = _merged_items(data, net.use_text or net.use_codes)
     features = data.item_features if net.use_text else None
+    codes = data.item_codes(net.code_digits, net.codes_per_digit) if net.use_codes else None
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)
-    return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args))
+    return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args), item_codes=codes)
 
 
 def _release_aliases(data, data_args: dict) -> dict[str, str]:
@@ -102,7 +108,8 @@ def _load_weights(net: UniSRec, state: dict, path: Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
-MANIFEST_KEYS = ("format", "version", "net", "text", "items")  # exactly what save_model_dir writes
+MANIFEST_KEYS = ("format", "version", "net", "text", "items", "codes")  # exactly what save_model_dir writes
+OPTIONAL_KEYS = ("codes",)  # absent in directories written before item codes existed
 
 
 def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
@@ -121,9 +128,54 @@ def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
     features = _read_features(directory / "item_features.npy", tokens, net.plm_dim) if net.use_text else None
+    codes = _read_codes(directory, manifest.get("codes"), net, len(tokens)) if net.use_codes else None
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
-    return cls(net, tokens, texts, features, text, aliases=aliases)
+    return cls(net, tokens, texts, features, text, aliases=aliases, item_codes=codes)
+
+
+def _read_codes(directory: Path, settings: object, net: UniSRec, items: int) -> ItemCodes:
+    """The codes and quantizer of a code model, checked against its network; problems name the file."""
+    manifest_path = directory / "model.json"
+    if settings is None:
+        raise DataError("the network uses item codes but model.json has no \"codes\" settings", manifest_path)
+    arguments = checked_args(settings, CodeSettings, "codes", manifest_path)
+    try:
+        settings = CodeSettings(**arguments)
+    except ValueError as err:  # e.g. codes_per_digit not a power of two
+        raise DataError(f"codes: {err}", manifest_path) from None
+    if (settings.digits, settings.codes_per_digit) != (net.code_digits, net.codes_per_digit):
+        raise DataError(f"codes have {settings.digits} digits x {settings.codes_per_digit} but the network expects "
+                        f"{net.code_digits} x {net.codes_per_digit}", manifest_path)
+    path = directory / "item_codes.npy"
+    if not path.is_file():
+        raise DataError("code model without item_codes.npy", path)
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as err:  # truncated, object arrays, a damaged header
+        raise DataError(f"item_codes.npy cannot be read as a .npy array ({_first_line(err)})", path) from None
+    if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
+        raise DataError(f"item_codes.npy must hold integer codes, got {getattr(codes, 'dtype', type(codes).__name__)}", path)
+    if codes.shape != (items, settings.digits + 1):
+        raise DataError(f"item_codes.npy has shape {codes.shape}, expected ({items}, {settings.digits + 1})", path)
+    if codes.size and (codes.min() < 0 or codes.max() >= settings.codes_per_digit):
+        raise DataError(f"item_codes.npy holds codes outside [0, {settings.codes_per_digit})", path)
+    quantizer_path = directory / "quantizer.faiss"
+    if not quantizer_path.is_file():
+        raise DataError("code model without quantizer.faiss", quantizer_path)
+    try:
+        quantizer = ItemQuantizer.from_bytes(settings, quantizer_path.read_bytes())
+    except Exception as err:  # faiss raises RuntimeError on anything it cannot parse
+        raise DataError(f"quantizer.faiss cannot be read as a faiss index ({_first_line(err)})", quantizer_path) from None
+    if quantizer.index.d != net.plm_dim:
+        raise DataError(f"quantizer.faiss encodes {quantizer.index.d}-d text vectors, the network reads {net.plm_dim}-d",
+                        quantizer_path)
+    codes = codes.astype(np.int64)
+    return ItemCodes(codes, quantizer, with_collision_digit(codes[:, :-1])[1])
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _read_manifest(path: Path, directory: Path) -> dict:
@@ -143,7 +195,7 @@ def _read_manifest(path: Path, directory: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"model.json is not a {FORMAT} v{VERSION} manifest (expected \"format\": \"{FORMAT}\", "
                         f"\"version\": {VERSION})", path)
-    exact_keys(manifest, MANIFEST_KEYS, "model.json", path)
+    exact_keys(manifest, MANIFEST_KEYS, "model.json", path, optional=OPTIONAL_KEYS)
     if not type_ok(manifest["items"], int):
         raise DataError(f"items {manifest['items']!r} is not an integer (expected the number of items)", path)
     return manifest
@@ -171,8 +223,7 @@ def _read_features(path: Path, tokens: Sequence[str], plm_dim: int) -> torch.Ten
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as err:  # truncated, header-only, object arrays, a damaged header (ValueError, EOFError, TokenError...)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({reason})", path) from None
+        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({_first_line(err)})", path) from None
     if not isinstance(array, np.ndarray):  # an .npz archive under this name
         array.close()
         raise DataError("item_features.npy is an .npz archive (expected one .npy array)", path)
@@ -200,6 +251,7 @@ def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool 
         "net": {**net.init_args, "num_items": net.num_items},
         "text": recommender.text._asdict() if recommender.text else None,
         "items": recommender.num_items,
+        "codes": asdict(recommender.item_codes.settings) if recommender.item_codes is not None else None,
     }
     with atomic_directory(directory, MODEL_DIR, overwrite) as tmp:
         (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
@@ -210,5 +262,8 @@ def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool 
                                                         zip(recommender.item_tokens, recommender.item_texts)])
         if net.use_text:
             np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
+        if recommender.item_codes is not None:
+            np.save(tmp / "item_codes.npy", recommender.item_codes.codes.astype(np.int16))  # codes_per_digit <= 256
+            (tmp / "quantizer.faiss").write_bytes(recommender.item_codes.quantizer.to_bytes())
     return Path(directory).resolve()
 

@@ -15,6 +15,7 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from unisrec_x.codes import ItemCodes
 from unisrec_x.data.text import clean_text
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
@@ -86,7 +87,8 @@ class Recommender:
 
     def __init__(self, net: UniSRec, item_tokens: Sequence[str], item_texts: Sequence[str],
                  item_features: torch.Tensor | None, text: TextSettings | None,
-                 chunk_size: int = DEFAULT_CHUNK, aliases: Mapping[str, str] | None = None) -> None:
+                 chunk_size: int = DEFAULT_CHUNK, aliases: Mapping[str, str] | None = None,
+                 item_codes: ItemCodes | None = None) -> None:
         """
         Args:
             net: a trained ``UniSRec`` (any variant).
@@ -97,14 +99,16 @@ class Recommender:
             chunk_size: items scored at a time (bounds memory on large catalogs).
             aliases: other names -> item token, accepted in histories and shown in results (the
                 UniSRec releases index items by integers; their ``.item2index`` gives the ASINs).
+            item_codes: codes of items 1..N and their quantizer, for models with item codes
+                (``use_codes``); ``add_items`` encodes new items' texts with the same quantizer.
         """
         if len(item_tokens) != len(item_texts):
             raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
         if len(set(item_tokens)) != len(item_tokens):
             raise ValueError("item tokens must be unique")
-        if net.use_codes:  # issue 14, still open: codes and their quantizer are not saved or extended yet
-            raise ValueError("models with item codes (use_codes) cannot be served, saved or exported yet; "
-                             "evaluate them with `unisrec-x test`")
+        if net.use_codes and (item_codes is None or len(item_codes.codes) != len(item_tokens)):
+            raise ValueError(f"this model uses item codes: item_codes for its {len(item_tokens)} items are required"
+                             + ("" if item_codes is None else f", got {len(item_codes.codes)}"))
         self.net = net.eval()
         self.item_tokens, self.item_texts = list(item_tokens), list(item_texts)
         self.token_to_id = {t: i + 1 for i, t in enumerate(self.item_tokens)}
@@ -113,7 +117,11 @@ class Recommender:
         self.text, self.chunk_size = text, chunk_size
         self.lock = threading.Lock()  # add_items swaps the tables that recommend reads
         self._text_encoder = None
+        self.item_codes = item_codes if net.use_codes else None
         with torch.inference_mode():
+            if self.item_codes is not None:
+                codes = torch.from_numpy(self.item_codes.codes)
+                net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
             if net.use_text:
                 if item_features is None:
                     raise ValueError("this model uses text: item_features are required")
@@ -225,12 +233,13 @@ class Recommender:
     def add_items(self, items: Mapping[str, str]) -> list[str]:
         """Make new items rankable at once from their text alone; returns the tokens added.
 
-        Texts go through the model's own text encoder and adapter. A transductive model has no
-        ID embedding for a new item, so its vector is the text part alone (its ID row is zero).
+        Texts go through the model's own text encoder and adapter; a model with item codes gives each
+        new item the codes of its text (same quantizer). A transductive model has no ID embedding for a
+        new item, so its vector is the text (and code) part alone (its ID row is zero).
         Every id and text is checked before anything changes, and the clash check and the append
         are one locked step, so concurrent calls never add an id twice.
         """
-        if not self.net.use_text:
+        if not (self.net.use_text or self.net.use_codes):
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
         if not items:
             raise RequestError("no items given")
@@ -277,8 +286,12 @@ class Recommender:
         net = self.net
         with torch.inference_mode():
             features = features.to(torch.float32)
-            new_rows = torch.cat([net.adapter(part) for part in features.split(self.chunk_size)])  # text part only
-            item_features = torch.cat([net.item_features, features.to(net.item_features)])
+            item_codes, new_codes = (None, None) if self.item_codes is None else self.item_codes.extended(features.numpy())
+            code_parts = (torch.from_numpy(new_codes).split(self.chunk_size) if new_codes is not None
+                          else [None] * len(features.split(self.chunk_size)))
+            new_rows = torch.cat([net.new_item_vectors(part, codes)
+                                  for part, codes in zip(features.split(self.chunk_size), code_parts)])
+            item_features = torch.cat([net.item_features, features.to(net.item_features)]) if net.use_text else None
             table = torch.cat([self.table, new_rows])
             candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
         grown = None
@@ -286,7 +299,11 @@ class Recommender:
             weight = net.item_embedding.weight.detach()
             grown = torch.nn.Embedding(len(weight) + len(tokens), weight.shape[1], padding_idx=0)
             grown.weight.data = torch.cat([weight, torch.zeros(len(tokens), weight.shape[1])])
-        net.item_features = item_features
+        if item_features is not None:
+            net.item_features = item_features
+        if item_codes is not None:
+            net.item_codes = torch.cat([net.item_codes, torch.from_numpy(new_codes).to(net.item_codes)])
+            self.item_codes = item_codes
         if grown is not None:
             net.item_embedding, net.num_items = grown, len(grown.weight) - 1
         self.table, self.candidates = table, candidates
