@@ -28,6 +28,7 @@ from unisrec_x.paths import atomic_write_bytes, cache_dir
 log = logging.getLogger(__name__)
 CodeMethod = Literal["pq", "opq", "rq"]
 FORMAT_VERSION = 1
+CHECKPOINT_KEY = "item_codes"  # a code model's checkpoint entry: its codes and quantizer (ItemCodes.to_state)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,21 @@ class ItemCodes:
     @property
     def settings(self) -> CodeSettings:
         return self.quantizer.settings
+
+    def to_state(self) -> dict:
+        """Tensors and plain values (loadable with ``torch.load(weights_only=True)``): a checkpoint keeps
+        the codes its model was trained with, instead of trusting a refit on another machine or BLAS."""
+        import torch
+
+        return {"codes": torch.from_numpy(self.codes.astype(np.int16)), "collided": self.collided,
+                "quantizer": torch.from_numpy(np.frombuffer(self.quantizer.to_bytes(), dtype=np.uint8).copy()),
+                "settings": asdict(self.settings)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ItemCodes":
+        settings = CodeSettings(**state["settings"])
+        quantizer = ItemQuantizer.from_bytes(settings, state["quantizer"].numpy().tobytes())
+        return cls(state["codes"].numpy().astype(np.int64), quantizer, int(state["collided"]))
 
 
 def _row_keys(codes: np.ndarray) -> list[bytes]:

@@ -39,10 +39,10 @@ LONG_TAIL_MAX_COUNT = 5
 TEXT_MODEL = ["--model.init_args.net.init_args.last_item_residual", "true"]
 PRETRAIN_ARGS = ["-c", "configs/pretrain/pretrain.yaml", *TEXT_MODEL, "--trainer.max_epochs", "3",
                  "--trainer.val_check_interval", "300"]
-QUICK_PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
-                       "--data.max_users", "3000", "--data.batch_size", "512"]
-QUICK_USERS = 3000
-QUICK_ARGS = ["--trainer.max_epochs", "6", "--data.max_users", str(QUICK_USERS)]
+QUICK_PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+                       "--data.max_users", "1500", "--data.batch_size", "512"]
+QUICK_USERS = 2000
+QUICK_ARGS = ["--trainer.max_epochs", "4", "--data.max_users", str(QUICK_USERS)]
 #: --quick (the README's main job): one target and three regimes, so it finishes in minutes on 2 cores
 QUICK_TARGETS, QUICK_REGIMES = ["scientific/Scientific"], ["zero-shot", "20%", "100%"]
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
     parser.add_argument("--full_seeds", type=int, nargs="+", default=[1], help="seeds of the 100%% regime")
-    parser.add_argument("--quick", action="store_true", help="a small real run: 3,000 users per domain, 6 epochs, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="a small real run: 1,500 users per source, 2,000 of the target, 4 epochs, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once")
     parser.add_argument("--threads", type=int, help="torch threads per arm (default: cores / jobs)")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")

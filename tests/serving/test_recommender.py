@@ -299,3 +299,17 @@ def test_add_items_encodes_batch_size_texts_per_pass_in_any_order(monkeypatch):
         for token, text in texts.items():
             expected = rec.net.adapter(torch.from_numpy(encoder.vectors[text])[None])[0]
             torch.testing.assert_close(rec.table[rec.token_to_id[token]], expected)
+
+
+def test_code_checkpoint_carries_the_codes_it_was_trained_with(held_out_codes_checkpoint, code_recommender, tmp_path):
+    from unisrec_x.errors import DataError
+
+    checkpoint = torch.load(held_out_codes_checkpoint, weights_only=True)
+    stored = checkpoint["item_codes"]  # so another machine's refit (BLAS, faiss version) cannot change them
+    assert stored["settings"] == {"method": "opq", "digits": 8, "codes_per_digit": 256, "seed": 0}
+    np.testing.assert_array_equal(stored["codes"].numpy(), code_recommender.item_codes.codes)
+    stored["quantizer"] = stored["quantizer"][:50]
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    with pytest.raises(DataError, match="item codes cannot be read") as err:
+        Recommender.from_checkpoint(tmp_path / "damaged.ckpt")
+    assert "damaged.ckpt" in str(err.value)

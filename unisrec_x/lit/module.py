@@ -7,6 +7,7 @@ from typing import Iterable, Literal
 import lightning.pytorch as pl
 import torch
 
+from unisrec_x.codes import CHECKPOINT_KEY, ItemCodes
 from unisrec_x.data.positions import PositionBatch
 from unisrec_x.data.sequences import SeqBatch
 from unisrec_x.errors import DataError
@@ -123,14 +124,23 @@ class SeqRecModule(pl.LightningModule):
         logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(vectors[where[batch.item_seq.numel():]]).T
         return sampled_softmax_loss(logits, candidates, target, self.sampler.log_expected_count(candidates, len(target)))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A code model's checkpoint carries its item codes and quantizer (``ItemCodes.to_state``)."""
+        if self.net.use_codes and self.datamodule is not None:
+            checkpoint[CHECKPOINT_KEY] = self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).to_state()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback."""
+        """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback;
+        a code model takes the codes it was trained with from the checkpoint."""
         own = self.state_dict()
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in own and own[key].shape != value.shape:
                 what = "item count" if "item_embedding" in key else "dimensions"
                 raise DataError(f"checkpoint has another {what}: {key} is {tuple(value.shape)} there, "
                                  f"{tuple(own[key].shape)} in this model (data: {self.net.num_items} items)")
+        if self.net.use_codes and CHECKPOINT_KEY in checkpoint:
+            codes = torch.from_numpy(ItemCodes.from_state(checkpoint[CHECKPOINT_KEY]).codes)
+            self.net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
 
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from unisrec_x.codes import CodeSettings, ItemCodes, ItemQuantizer, with_collision_digit
+from unisrec_x.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
@@ -71,10 +71,20 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     _load_weights(net, state, path)
     tokens, texts = _merged_items(data, net.use_text or net.use_codes)
     features = data.item_features if net.use_text else None
-    codes = data.item_codes(net.code_digits, net.codes_per_digit) if net.use_codes else None
+    codes = None
+    if net.use_codes:  # the codes it was trained with; checkpoints written before they carried them: refit
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        codes = _codes_from_state(stored, path) if stored is not None else data.item_codes(net.code_digits, net.codes_per_digit)
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)
     return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args), item_codes=codes)
+
+
+def _codes_from_state(state: object, path: Path) -> ItemCodes:
+    try:
+        return ItemCodes.from_state(state)
+    except Exception as err:  # a missing key, a bad setting, bytes faiss cannot parse
+        raise DataError(f"checkpoint's item codes cannot be read ({_first_line(err)})", path) from None
 
 
 def _release_aliases(data, data_args: dict) -> dict[str, str]:
