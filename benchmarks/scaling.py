@@ -120,15 +120,18 @@ def _key(row: dict) -> tuple:
     return (row["sweep"], row["items"], row["users"], row["loss"], row.get("items_as", "text+id"))
 
 
-def earlier_rows(rows: list[dict]) -> list[dict]:
-    """Rows of the results file that this run did not redo (rows of older files get the file's command)."""
+def merged_with_earlier(rows: list[dict]) -> list[dict]:
+    """This run's rows plus the results file's rows that it did not redo; an earlier row is replaced only
+    by a finished one (a failed or skipped rerun keeps the earlier figures). Rows of older files get
+    the file's command, thread count and date."""
     path = common.RESULTS / "scaling.json"
-    if not path.exists():
-        return []
-    earlier = json.loads(path.read_text())
-    redone = {_key(r) for r in rows}
-    return [{"items_as": "text+id", "command": earlier.get("command"), **r} for r in earlier.get("runs", [])
-            if _key({"items_as": "text+id", **r}) not in redone]
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    kept = {_key(r): r for r in ({"items_as": "text+id", "command": earlier.get("command"), "threads": earlier.get("threads"),
+                                  "date": earlier.get("machine", {}).get("date"), **r} for r in earlier.get("runs", []))}
+    for row in rows:
+        if "epoch_s" in row or _key(row) not in kept:
+            kept[_key(row)] = row
+    return list(kept.values())
 
 
 def full_softmax_estimate_gb(items: int, batch: int = 2048, hidden: int = 300, experts: int = 8) -> float:
@@ -194,12 +197,14 @@ def main() -> None:
                            "batch 2048; use loss=sampled"}
                 else:
                     row = child(args, items, args.users, loss, items_as)
-                rows.append({**row, "sweep": "catalog", "command": command})
+                rows.append({**row, "sweep": "catalog", "command": command, "threads": args.threads,
+                             "date": common.machine()["date"]})
                 print(json.dumps(rows[-1]), flush=True)
     for users in args.user_counts:
-        rows.append({**child(args, args.user_catalog, users, "full"), "sweep": "users", "command": command})
+        rows.append({**child(args, args.user_catalog, users, "full"), "sweep": "users", "command": command,
+                     "threads": args.threads, "date": common.machine()["date"]})
         print(json.dumps(rows[-1]), flush=True)
-    rows = earlier_rows(rows) + rows
+    rows = merged_with_earlier(rows)
     common.write_results("scaling", {"threads": args.threads, "model": "UniSRec, hidden 300, batch 2048; items_as per row",
                                      "runs": rows}, command)
     plot(rows, common.RESULTS / "scaling.png")
@@ -213,7 +218,7 @@ def main() -> None:
     for codes in (r for r in rows if r.get("items_as") == "codes" and "epoch_s" in r and r["sweep"] == "catalog"):
         peer = next((r for r in rows if _key(r)[:4] == _key(codes)[:4] and r.get("items_as") == "text+id"
                      and "epoch_s" in r), None)
-        if peer:
+        if peer and peer.get("item_params"):
             print(f"RATIOS codes vs text+id, {codes['items']:,} items, {codes['loss']}: item parameters "
                   f"{codes['item_params'] / peer['item_params']:.4f}x, peak RSS {codes['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x, "
                   f"epoch {codes['epoch_s'] / peer['epoch_s']:.2f}x")

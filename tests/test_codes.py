@@ -135,3 +135,23 @@ def test_code_models_item_table_equals_its_item_vectors_and_new_items_get_codes(
     np.testing.assert_array_equal(grown.codes, np.concatenate([fitted.codes, added]))
     with pytest.raises(ValueError, match="item codes must lie"):
         net.set_item_codes(codes + 16)
+
+
+def test_a_resumed_fit_saves_the_codes_it_loaded_not_a_refit(features, tmp_path):
+    from unisrec_x.lit.module import SeqRecModule
+
+    fitted = item_codes(features, CodeSettings("pq", digits=4, codes_per_digit=16), root=tmp_path)
+    net = UniSRec(num_items=len(features), plm_dim=32, hidden_dim=8, n_layers=1, use_text=False, use_codes=True,
+                  code_digits=4, codes_per_digit=16)
+    net.set_item_codes(torch.zeros(len(features) + 1, 5, dtype=torch.long))  # what a refit might have given
+    module = SeqRecModule(net)
+    module.on_load_checkpoint({"state_dict": {}, "item_codes": fitted.to_state()})
+    np.testing.assert_array_equal(net.item_codes[1:].numpy(), fitted.codes)
+    saved: dict = {}
+    module.on_save_checkpoint(saved)
+    np.testing.assert_array_equal(saved["item_codes"]["codes"].numpy(), fitted.codes)
+    wrong = fitted.to_state()
+    wrong["codes"] = wrong["codes"][:10]
+    with pytest.raises(ValueError, match="do not fit this model"):
+        module.on_load_checkpoint({"state_dict": {}, "item_codes": wrong})
+

@@ -99,6 +99,18 @@ class ItemQuantizer:
         """(n, digits) codes -> (n, d) reconstructions (the codebook entries, summed or joined)."""
         return self.index.sa_decode(pack_codes(codes, self.settings.bits))
 
+    def shape(self) -> tuple[int, list[int]]:
+        """(digits, bits of each digit) of the faiss index itself, whatever ``settings`` claim."""
+        faiss = _faiss()
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexPreTransform):  # OPQ: rotation, then PQ
+            index = faiss.downcast_index(index.index)
+        if isinstance(index, faiss.IndexPQ):
+            return index.pq.M, [index.pq.nbits] * index.pq.M
+        if isinstance(index, faiss.IndexResidualQuantizer):
+            return index.rq.M, faiss.vector_to_array(index.rq.nbits).tolist()
+        raise ValueError(f"a faiss {type(index).__name__} is not an item quantizer (expected PQ, OPQ or RQ)")
+
     def to_bytes(self) -> bytes:
         faiss = _faiss()
         return faiss.serialize_index(self.index).tobytes()
@@ -170,6 +182,36 @@ class ItemCodes:
     def settings(self) -> CodeSettings:
         return self.quantizer.settings
 
+    def codes_problem(self, items: int, digits: int, codes_per_digit: int) -> str | None:
+        """Why these codes cannot be the codes of ``items`` items of a network with these sizes, or ``None``."""
+        settings = self.settings
+        if (settings.digits, settings.codes_per_digit) != (digits, codes_per_digit):
+            return (f"codes have {settings.digits} digits x {settings.codes_per_digit} but the network expects "
+                    f"{digits} x {codes_per_digit}")
+        if self.codes.shape != (items, digits + 1):
+            return f"codes have shape {self.codes.shape}, expected ({items}, {digits + 1}) for {items} items"
+        if self.codes.size and (self.codes.min() < 0 or self.codes.max() >= codes_per_digit):
+            return f"codes lie outside [0, {codes_per_digit})"
+        return None
+
+    def quantizer_problem(self, plm_dim: int, features: np.ndarray | None = None) -> str | None:
+        """Why the quantizer cannot give new items codes like these, or ``None``: its input size and code
+        width, and (given the items' text vectors) whether it reproduces most of their digits (a
+        refit on another BLAS may move a few; a foreign quantizer agrees on ~1 in codes_per_digit)."""
+        settings, index = self.settings, self.quantizer.index
+        if index.d != plm_dim:
+            return f"the quantizer encodes {index.d}-d text vectors, the network reads {plm_dim}-d"
+        digits, bits = self.quantizer.shape()
+        if (digits, bits) != (settings.digits, [settings.bits] * settings.digits):
+            return (f"the quantizer has {digits} digits of {sorted(set(bits))} bits, the codes "
+                    f"{settings.digits} of {settings.bits}")
+        if features is not None and len(features):
+            sample = min(len(features), 256)
+            agree = float((self.quantizer.encode(features[:sample]) == self.codes[:sample, :-1]).mean())
+            if agree < 0.5:
+                return f"the quantizer reproduces only {agree:.0%} of the items' code digits: it is not theirs"
+        return None
+
     def to_state(self) -> dict:
         """Tensors and plain values (loadable with ``torch.load(weights_only=True)``): a checkpoint keeps
         the codes its model was trained with, instead of trusting a refit on another machine or BLAS."""
@@ -184,6 +226,22 @@ class ItemCodes:
         settings = CodeSettings(**state["settings"])
         quantizer = ItemQuantizer.from_bytes(settings, state["quantizer"].numpy().tobytes())
         return cls(state["codes"].numpy().astype(np.int64), quantizer, int(state["collided"]))
+
+
+def checked_state(state: object, items: int, digits: int, codes_per_digit: int, plm_dim: int,
+                  features: np.ndarray | None, path: str | Path | None) -> ItemCodes:
+    """A checkpoint's codes (``ItemCodes.to_state``) for ``items`` items of a network with these sizes
+    (and, given them, these items' text vectors), else a ``DataError`` naming the checkpoint."""
+    from unisrec_x.errors import DataError, first_line
+
+    try:
+        codes = ItemCodes.from_state(state)
+    except Exception as err:  # a missing key, a bad setting, bytes faiss cannot parse
+        raise DataError(f"checkpoint's item codes cannot be read ({first_line(err)})", path) from None
+    problem = codes.codes_problem(items, digits, codes_per_digit) or codes.quantizer_problem(plm_dim, features)
+    if problem:
+        raise DataError(f"checkpoint's item codes do not fit this model and data: {problem}", path)
+    return codes
 
 
 def _row_keys(codes: np.ndarray) -> list[bytes]:

@@ -20,3 +20,8 @@ class DataError(ValueError):
             where = self.path if line is None else f"{self.path}:{line}"
             where += ": "
         super().__init__(where + message)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty (``EOFError()``)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

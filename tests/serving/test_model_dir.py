@@ -192,20 +192,65 @@ def test_cli_prints_one_line_and_exits_2(model, capsys):
     assert done.value.code == 2 and len(err.splitlines()) == 1 and "model.json: net has arguments of the wrong type" in err
 
 
-@pytest.fixture
-def code_model(tmp_path):
-    """A tiny text + codes model (40 items, PQ codes of 2 digits x 4) saved as a model directory."""
+def _code_recommender(tmp_path, use_text: bool = True, digits: int = 2, seed: int = 0) -> Recommender:
+    """A tiny code model (40 items, 8-d text vectors, PQ codes of ``digits`` x 4), text + codes or codes only."""
     from unisrec_x.codes import CodeSettings, item_codes
 
     torch.manual_seed(0)
     features = torch.randn(41, 8)
     features[0] = 0
-    codes = item_codes(features[1:].numpy(), CodeSettings("pq", digits=2, codes_per_digit=4), root=tmp_path / "cache")
+    codes = item_codes(features[1:].numpy(), CodeSettings("pq", digits=digits, codes_per_digit=4, seed=seed),
+                       root=tmp_path / "cache")
     net = UniSRec(num_items=40, plm_dim=8, hidden_dim=4, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2,
-                  use_codes=True, code_digits=2, codes_per_digit=4)
+                  use_text=use_text, use_codes=True, code_digits=digits, codes_per_digit=4)
     tokens = [f"i{k}" for k in range(40)]
-    rec = Recommender(net, tokens, [f"Item {k}" for k in range(40)], features, TextSettings("enc"), item_codes=codes)
-    return rec.save(tmp_path / "model")
+    return Recommender(net, tokens, [f"Item {k}" for k in range(40)], features if use_text else None,
+                       TextSettings("enc"), item_codes=codes)
+
+
+@pytest.fixture
+def code_model(tmp_path):
+    """A text + codes model saved as a model directory."""
+    return _code_recommender(tmp_path).save(tmp_path / "model")
+
+
+@pytest.mark.parametrize("use_text", [True, False])
+def test_code_models_grow_save_and_export_with_or_without_text(use_text, tmp_path, monkeypatch):
+    rec = _code_recommender(tmp_path, use_text)
+    new_features = torch.randn(2, 8)
+
+    class FixedEncoder:  # stands in for the text encoder (covered on real data in test_recommender.py)
+        def encode(self, texts):
+            return new_features[:len(texts)].numpy()
+
+    monkeypatch.setattr(rec, "text_encoder", lambda: FixedEncoder())
+    rec.add_items({"new": "a new thing"})
+    with torch.inference_mode():  # the new row: its text part (if any) plus the mean of its codes' embeddings
+        codes = torch.from_numpy(rec.item_codes.codes[-1:])
+        expected = rec.net.code_vectors(codes)[0] + (rec.net.adapter(new_features[:1])[0] if use_text else 0)
+    torch.testing.assert_close(rec.table[41], expected)
+    np.testing.assert_array_equal(rec.item_codes.codes[-1, :-1], rec.item_codes.quantizer.encode(new_features[:1].numpy())[0])
+    again = Recommender.from_checkpoint(rec.save(tmp_path / "saved"))
+    assert again.recommend([["new", "i3"]], k=5) == rec.recommend([["new", "i3"]], k=5)
+    assert (tmp_path / "saved" / "item_features.npy").exists() == use_text
+    assert json.loads((rec.export(tmp_path / "export") / "manifest.json").read_text())["items"] == 41
+
+
+def test_a_quantizer_of_another_model_is_refused(tmp_path):
+    model = _code_recommender(tmp_path).save(tmp_path / "model")
+    wider = _code_recommender(tmp_path / "wider", digits=4)  # 4 digits of 2 bits: as many bytes per item as 2 digits
+    (model / "quantizer.faiss").write_bytes(wider.item_codes.quantizer.to_bytes())
+    with pytest.raises(DataError, match=r"quantizer has 4 digits of \[2\] bits, the codes 2 of 2") as err:
+        Recommender.from_checkpoint(model)
+    assert "quantizer.faiss" in str(err.value)
+    # same sizes, but fitted on other vectors: it does not give these items their codes
+    from unisrec_x.codes import CodeSettings, ItemQuantizer
+
+    other_features = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+    foreign = ItemQuantizer.fit(other_features * 5 + 3, CodeSettings("pq", digits=2, codes_per_digit=4))
+    (model / "quantizer.faiss").write_bytes(foreign.to_bytes())
+    with pytest.raises(DataError, match="not theirs"):
+        Recommender.from_checkpoint(model)
 
 
 def _save_codes(array):

@@ -308,8 +308,11 @@ def test_code_checkpoint_carries_the_codes_it_was_trained_with(held_out_codes_ch
     stored = checkpoint["item_codes"]  # so another machine's refit (BLAS, faiss version) cannot change them
     assert stored["settings"] == {"method": "opq", "digits": 8, "codes_per_digit": 256, "seed": 0}
     np.testing.assert_array_equal(stored["codes"].numpy(), code_recommender.item_codes.codes)
-    stored["quantizer"] = stored["quantizer"][:50]
-    torch.save(checkpoint, tmp_path / "damaged.ckpt")
-    with pytest.raises(DataError, match="item codes cannot be read") as err:
-        Recommender.from_checkpoint(tmp_path / "damaged.ckpt")
-    assert "damaged.ckpt" in str(err.value)
+    for damage, message in [(lambda state: state.update(codes=state["codes"][:-1]), r"codes have shape \(\d+, 9\)"),
+                            (lambda state: state.update(quantizer=state["quantizer"][:50]), "item codes cannot be read")]:
+        damaged = torch.load(held_out_codes_checkpoint, weights_only=True)
+        damage(damaged["item_codes"])
+        torch.save(damaged, tmp_path / "damaged.ckpt")
+        with pytest.raises(DataError, match=message) as err:
+            Recommender.from_checkpoint(tmp_path / "damaged.ckpt")
+        assert "damaged.ckpt" in str(err.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unisrec_x.errors import DataError
+from unisrec_x.errors import DataError, first_line
 from unisrec_x.model.unisrec import UniSRec
 
 NON_TRANSFERABLE = ("item_embedding.", "code_embedding.")  # IDs and codes mean nothing in another domain
@@ -33,16 +33,10 @@ def read_checkpoint(path: str | Path) -> object:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({_reason(err)})", path) from None
+        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({first_line(err)})", path) from None
     except Exception as err:  # a damaged zip or pickle fails in many ways (EOFError, IndexError, KeyError, ...)
-        raise DataError(f"checkpoint is truncated or corrupted ({_reason(err)})", path) from None
+        raise DataError(f"checkpoint is truncated or corrupted ({first_line(err)})", path) from None
     return checkpoint
-
-
-def _reason(err: Exception) -> str:
-    """The first line of an exception's message, or its type when the message is empty (``EOFError()``)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:

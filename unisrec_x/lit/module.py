@@ -7,7 +7,7 @@ from typing import Iterable, Literal
 import lightning.pytorch as pl
 import torch
 
-from unisrec_x.codes import CHECKPOINT_KEY, ItemCodes
+from unisrec_x.codes import CHECKPOINT_KEY, ItemCodes, checked_state
 from unisrec_x.data.positions import PositionBatch
 from unisrec_x.data.sequences import SeqBatch
 from unisrec_x.errors import DataError
@@ -61,6 +61,7 @@ class SeqRecModule(pl.LightningModule):
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
+        self._item_codes: ItemCodes | None = None  # a code model's codes, once loaded from a checkpoint
         self._eval_table: torch.Tensor | None = None
         self._eval_candidates: torch.Tensor | None = None
 
@@ -126,8 +127,11 @@ class SeqRecModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A code model's checkpoint carries its item codes and quantizer (``ItemCodes.to_state``)."""
-        if self.net.use_codes and self.datamodule is not None:
-            checkpoint[CHECKPOINT_KEY] = self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).to_state()
+        if self.net.use_codes:
+            codes = self._item_codes or (self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit)
+                                         if self.datamodule is not None else None)
+            if codes is not None:
+                checkpoint[CHECKPOINT_KEY] = codes.to_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another shape with a message naming the sizes, not a torch traceback;
@@ -138,9 +142,14 @@ class SeqRecModule(pl.LightningModule):
                 what = "item count" if "item_embedding" in key else "dimensions"
                 raise DataError(f"checkpoint has another {what}: {key} is {tuple(value.shape)} there, "
                                  f"{tuple(own[key].shape)} in this model (data: {self.net.num_items} items)")
-        if self.net.use_codes and CHECKPOINT_KEY in checkpoint:
-            codes = torch.from_numpy(ItemCodes.from_state(checkpoint[CHECKPOINT_KEY]).codes)
-            self.net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
+        if self.net.use_codes and CHECKPOINT_KEY in checkpoint:  # kept, and saved again by a resumed fit
+            net, data = self.net, self.datamodule
+            items = data.num_items if data is not None else self.net.item_codes.shape[0] - 1
+            features = data.item_features[1:].numpy() if data is not None and net.use_text else None
+            self._item_codes = checked_state(checkpoint[CHECKPOINT_KEY], items, net.code_digits, net.codes_per_digit,
+                                             net.plm_dim, features, getattr(self._trainer, "ckpt_path", None))
+            codes = torch.from_numpy(self._item_codes.codes)
+            net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
 
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass

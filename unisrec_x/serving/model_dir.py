@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from unisrec_x.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, with_collision_digit
+from unisrec_x.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, checked_state, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
-from unisrec_x.errors import DataError
+from unisrec_x.errors import DataError, first_line
 from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.outputs import OutputKind, atomic_directory
@@ -74,17 +74,12 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
     codes = None
     if net.use_codes:  # the codes it was trained with; checkpoints written before they carried them: refit
         stored = checkpoint.get(CHECKPOINT_KEY)
-        codes = _codes_from_state(stored, path) if stored is not None else data.item_codes(net.code_digits, net.codes_per_digit)
+        codes = (checked_state(stored, len(tokens), net.code_digits, net.codes_per_digit, net.plm_dim,
+                               None if features is None else features[1:].numpy(), path) if stored is not None
+                 else data.item_codes(net.code_digits, net.codes_per_digit))
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)
     return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args), item_codes=codes)
-
-
-def _codes_from_state(state: object, path: Path) -> ItemCodes:
-    try:
-        return ItemCodes.from_state(state)
-    except Exception as err:  # a missing key, a bad setting, bytes faiss cannot parse
-        raise DataError(f"checkpoint's item codes cannot be read ({_first_line(err)})", path) from None
 
 
 def _release_aliases(data, data_args: dict) -> dict[str, str]:
@@ -138,13 +133,13 @@ def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
     features = _read_features(directory / "item_features.npy", tokens, net.plm_dim) if net.use_text else None
-    codes = _read_codes(directory, manifest.get("codes"), net, len(tokens)) if net.use_codes else None
+    codes = _read_codes(directory, manifest.get("codes"), net, len(tokens), features) if net.use_codes else None
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
     return cls(net, tokens, texts, features, text, aliases=aliases, item_codes=codes)
 
 
-def _read_codes(directory: Path, settings: object, net: UniSRec, items: int) -> ItemCodes:
+def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, features: torch.Tensor | None) -> ItemCodes:
     """The codes and quantizer of a code model, checked against its network; problems name the file."""
     manifest_path = directory / "model.json"
     if settings is None:
@@ -154,38 +149,31 @@ def _read_codes(directory: Path, settings: object, net: UniSRec, items: int) -> 
         settings = CodeSettings(**arguments)
     except ValueError as err:  # e.g. codes_per_digit not a power of two
         raise DataError(f"codes: {err}", manifest_path) from None
-    if (settings.digits, settings.codes_per_digit) != (net.code_digits, net.codes_per_digit):
-        raise DataError(f"codes have {settings.digits} digits x {settings.codes_per_digit} but the network expects "
-                        f"{net.code_digits} x {net.codes_per_digit}", manifest_path)
     path = directory / "item_codes.npy"
     if not path.is_file():
         raise DataError("code model without item_codes.npy", path)
     try:
         codes = np.load(path, allow_pickle=False)
     except Exception as err:  # truncated, object arrays, a damaged header
-        raise DataError(f"item_codes.npy cannot be read as a .npy array ({_first_line(err)})", path) from None
+        raise DataError(f"item_codes.npy cannot be read as a .npy array ({first_line(err)})", path) from None
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
         raise DataError(f"item_codes.npy must hold integer codes, got {getattr(codes, 'dtype', type(codes).__name__)}", path)
-    if codes.shape != (items, settings.digits + 1):
-        raise DataError(f"item_codes.npy has shape {codes.shape}, expected ({items}, {settings.digits + 1})", path)
-    if codes.size and (codes.min() < 0 or codes.max() >= settings.codes_per_digit):
-        raise DataError(f"item_codes.npy holds codes outside [0, {settings.codes_per_digit})", path)
     quantizer_path = directory / "quantizer.faiss"
     if not quantizer_path.is_file():
         raise DataError("code model without quantizer.faiss", quantizer_path)
     try:
         quantizer = ItemQuantizer.from_bytes(settings, quantizer_path.read_bytes())
     except Exception as err:  # faiss raises RuntimeError on anything it cannot parse
-        raise DataError(f"quantizer.faiss cannot be read as a faiss index ({_first_line(err)})", quantizer_path) from None
-    if quantizer.index.d != net.plm_dim:
-        raise DataError(f"quantizer.faiss encodes {quantizer.index.d}-d text vectors, the network reads {net.plm_dim}-d",
-                        quantizer_path)
+        raise DataError(f"quantizer.faiss cannot be read as a faiss index ({first_line(err)})", quantizer_path) from None
     codes = codes.astype(np.int64)
-    return ItemCodes(codes, quantizer, with_collision_digit(codes[:, :-1])[1])
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    loaded = ItemCodes(codes, quantizer, with_collision_digit(codes[:, :-1])[1] if codes.ndim == 2 else 0)
+    problem = loaded.codes_problem(items, net.code_digits, net.codes_per_digit)
+    if problem:
+        raise DataError(problem, manifest_path if "network expects" in problem else path)
+    problem = loaded.quantizer_problem(net.plm_dim, None if features is None else features[1:].numpy())
+    if problem:
+        raise DataError(problem, quantizer_path)
+    return loaded
 
 
 def _read_manifest(path: Path, directory: Path) -> dict:
@@ -233,7 +221,7 @@ def _read_features(path: Path, tokens: Sequence[str], plm_dim: int) -> torch.Ten
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as err:  # truncated, header-only, object arrays, a damaged header (ValueError, EOFError, TokenError...)
-        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({_first_line(err)})", path) from None
+        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({first_line(err)})", path) from None
     if not isinstance(array, np.ndarray):  # an .npz archive under this name
         array.close()
         raise DataError("item_features.npy is an .npz archive (expected one .npy array)", path)

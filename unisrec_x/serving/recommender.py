@@ -118,14 +118,14 @@ class Recommender:
         self.lock = threading.Lock()  # add_items swaps the tables that recommend reads
         self._text_encoder = None
         self.item_codes = item_codes if net.use_codes else None
+        if net.use_text and item_features is None:
+            raise ValueError("this model uses text: item_features are required")
         with torch.inference_mode():
+            if net.use_text:
+                net.set_item_features(item_features)
             if self.item_codes is not None:
                 codes = torch.from_numpy(self.item_codes.codes)
                 net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
-            if net.use_text:
-                if item_features is None:
-                    raise ValueError("this model uses text: item_features are required")
-                net.set_item_features(item_features)
             self.table = net.item_table(chunk_size)  # (N + 1, D)
             self.candidates = net.candidate_vectors(self.table[1:])  # (N, D), what scores are taken against
 
@@ -292,6 +292,7 @@ class Recommender:
             new_rows = torch.cat([net.new_item_vectors(part, codes)
                                   for part, codes in zip(features.split(self.chunk_size), code_parts)])
             item_features = torch.cat([net.item_features, features.to(net.item_features)]) if net.use_text else None
+            net_codes = None if new_codes is None else torch.cat([net.item_codes, torch.from_numpy(new_codes).to(net.item_codes)])
             table = torch.cat([self.table, new_rows])
             candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
         grown = None
@@ -301,9 +302,8 @@ class Recommender:
             grown.weight.data = torch.cat([weight, torch.zeros(len(tokens), weight.shape[1])])
         if item_features is not None:
             net.item_features = item_features
-        if item_codes is not None:
-            net.item_codes = torch.cat([net.item_codes, torch.from_numpy(new_codes).to(net.item_codes)])
-            self.item_codes = item_codes
+        if net_codes is not None:
+            net.item_codes, self.item_codes = net_codes, item_codes
         if grown is not None:
             net.item_embedding, net.num_items = grown, len(grown.weight) - 1
         self.table, self.candidates = table, candidates
