@@ -25,10 +25,14 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from the repo root imp
     sys.path.insert(0, str(ROOT))
 
 
+#: glibc malloc as this process runs it: "fixed" mmap threshold (what `unisrec-x` sets) or glibc's "default"
+MALLOC = {"value": "default"}
+
+
 def machine() -> dict:
     return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "date": dt.date.today().isoformat()}
+            "date": dt.date.today().isoformat(), "malloc": MALLOC["value"]}
 
 
 def peak_rss_mb() -> float:
@@ -93,8 +97,13 @@ def quiet() -> None:
 
 
 def start(parser):
-    """Parse the flags, set the thread count for every side, silence library warnings."""
+    """Parse the flags, set the thread count for every side, silence library warnings, and run malloc
+    as ``unisrec-x`` does (a fixed mmap threshold, unless ``UNISREC_X_MALLOC=default``), for every side."""
+    from unisrec_x.allocator import fix_mmap_threshold
+    from unisrec_x.cli import MMAP_THRESHOLD
+
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    MALLOC["value"] = "fixed" if fix_mmap_threshold(MMAP_THRESHOLD) else "default"
     quiet()
     return args
