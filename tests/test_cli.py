@@ -47,6 +47,19 @@ def test_short_fit_writes_test_metrics_of_best_checkpoint(slice_env):
     assert 0.0 <= out["metrics"]["long_tail/ndcg@10"] <= out["metrics"]["long_tail/recall@10"] <= 1.0
 
 
+@pytest.mark.parametrize("lr, kept", [(30.0, "initial.ckpt"), (1e-3, "best")])
+def test_select_initial_tests_the_starting_weights_only_when_no_epoch_beats_them(slice_env, lr, kept):
+    """An absurd learning rate wrecks the untrained text model (which ranks like text-kNN); a sane one improves it."""
+    config = next(c for c in CONFIGS if c.endswith("unisrec_inductive.yaml"))
+    runs = slice_env / f"runs-{lr}"
+    main(["fit", "-c", config, *SLICE, "--data.max_users", "300", "--trainer.max_epochs", "2", "--select_initial", "true",
+          "--optimizer.init_args.lr", str(lr), "--trainer.logger.init_args.save_dir", str(runs)])
+    out = json.loads(next(runs.rglob("test_metrics.json")).read_text())
+    assert kept in Path(out["checkpoint"]).name
+    initial = next(runs.rglob("initial.ckpt"))
+    assert torch.load(initial, weights_only=True)["global_step"] == 0  # the weights before any step
+
+
 def test_missing_dataset_exits_with_a_clear_message(slice_env, caplog):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", CONFIGS[0], "--data.dataset", "scientific/Nope", "--trainer.fast_dev_run", "1"])

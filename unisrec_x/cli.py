@@ -13,6 +13,7 @@ from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import read_state_dict
 from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
+from unisrec_x.lit.initial import InitialWeights, tested_checkpoint
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
@@ -54,6 +55,9 @@ class UniSRecCLI(LightningCLI):
         parser.link_arguments("data.feature_dim", "model.init_args.net.init_args.plm_dim", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, evaluate the best checkpoint on the test split")
+        parser.add_argument("--select_initial", type=bool, default=False,
+                            help="keep the weights fit starts from (untrained or pretrained) as a candidate: "
+                            "validated once after fit, tested when no epoch beat them (lit/initial.py)")
 
     def _parse_ckpt_path(self) -> None:
         """Open ``--ckpt_path`` through our reader first: a missing, truncated or code-carrying file
@@ -64,10 +68,17 @@ class UniSRecCLI(LightningCLI):
             read_state_dict(path)
         super()._parse_ckpt_path()
 
+    def before_fit(self) -> None:
+        if self.config.fit.get("select_initial", False):
+            self.trainer.callbacks.append(InitialWeights())
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit", True) and not self.trainer.fast_dev_run:
-            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
+            if self.config.fit.get("select_initial", False):
+                tested = tested_checkpoint(self.trainer, self.model, self.datamodule, MONITOR)
+            else:
+                tested = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested or None, weights_only=True)
 
 
 def trainer_defaults() -> dict:
