@@ -182,12 +182,24 @@ class ItemCodes:
     def settings(self) -> CodeSettings:
         return self.quantizer.settings
 
-    def codes_problem(self, items: int, digits: int, codes_per_digit: int) -> str | None:
-        """Why these codes cannot be the codes of ``items`` items of a network with these sizes, or ``None``."""
+    def table(self):
+        """The codes as a network's code table (``UniSRec.set_item_codes``): row 0 is the padding item."""
+        import torch
+
+        codes = torch.from_numpy(self.codes)
+        return torch.cat([codes.new_zeros(1, codes.shape[1]), codes])
+
+    def settings_problem(self, digits: int, codes_per_digit: int) -> str | None:
+        """Why these codes' settings do not fit a network with these sizes, or ``None``."""
         settings = self.settings
         if (settings.digits, settings.codes_per_digit) != (digits, codes_per_digit):
             return (f"codes have {settings.digits} digits x {settings.codes_per_digit} but the network expects "
                     f"{digits} x {codes_per_digit}")
+        return None
+
+    def codes_problem(self, items: int) -> str | None:
+        """Why these codes cannot be the codes of ``items`` items under their settings, or ``None``."""
+        digits, codes_per_digit = self.settings.digits, self.settings.codes_per_digit
         if self.codes.shape != (items, digits + 1):
             return f"codes have shape {self.codes.shape}, expected ({items}, {digits + 1}) for {items} items"
         if self.codes.size and (self.codes.min() < 0 or self.codes.max() >= codes_per_digit):
@@ -238,7 +250,8 @@ def checked_state(state: object, items: int, digits: int, codes_per_digit: int, 
         codes = ItemCodes.from_state(state)
     except Exception as err:  # a missing key, a bad setting, bytes faiss cannot parse
         raise DataError(f"checkpoint's item codes cannot be read ({first_line(err)})", path) from None
-    problem = codes.codes_problem(items, digits, codes_per_digit) or codes.quantizer_problem(plm_dim, features)
+    problem = (codes.settings_problem(digits, codes_per_digit) or codes.codes_problem(items)
+               or codes.quantizer_problem(plm_dim, features))
     if problem:
         raise DataError(f"checkpoint's item codes do not fit this model and data: {problem}", path)
     return codes

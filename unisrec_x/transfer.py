@@ -87,7 +87,6 @@ ARMS = [
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true", *_PRE],
         pretrained=True, in_quick=False),
 ]
-SCRATCH = ("sasrec", "scratch_inductive", "scratch_transductive")
 
 
 def user_sample(target: str, share: float, results: Path, data_root: str | None, max_users: int | None = None) -> Path:

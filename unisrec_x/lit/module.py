@@ -76,8 +76,7 @@ class SeqRecModule(pl.LightningModule):
         if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
         if self.net.use_codes:
-            codes = self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).codes
-            self.net.set_item_codes(torch.cat([torch.zeros(1, codes.shape[1], dtype=torch.long), torch.from_numpy(codes)]))
+            self.net.set_item_codes(self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).table())
         targets = self.datamodule.examples("train").targets
         if stage == "fit":
             self.set_training_targets(targets)
@@ -148,8 +147,7 @@ class SeqRecModule(pl.LightningModule):
             features = data.item_features[1:].numpy() if data is not None and net.use_text else None
             self._item_codes = checked_state(checkpoint[CHECKPOINT_KEY], items, net.code_digits, net.codes_per_digit,
                                              net.plm_dim, features, getattr(self._trainer, "ckpt_path", None))
-            codes = torch.from_numpy(self._item_codes.codes)
-            net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
+            net.set_item_codes(self._item_codes.table())
 
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass

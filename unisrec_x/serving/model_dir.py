@@ -167,9 +167,12 @@ def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, fea
         raise DataError(f"quantizer.faiss cannot be read as a faiss index ({first_line(err)})", quantizer_path) from None
     codes = codes.astype(np.int64)
     loaded = ItemCodes(codes, quantizer, with_collision_digit(codes[:, :-1])[1] if codes.ndim == 2 else 0)
-    problem = loaded.codes_problem(items, net.code_digits, net.codes_per_digit)
+    problem = loaded.settings_problem(net.code_digits, net.codes_per_digit)
     if problem:
-        raise DataError(problem, manifest_path if "network expects" in problem else path)
+        raise DataError(problem, manifest_path)
+    problem = loaded.codes_problem(items)
+    if problem:
+        raise DataError(problem, path)
     problem = loaded.quantizer_problem(net.plm_dim, None if features is None else features[1:].numpy())
     if problem:
         raise DataError(problem, quantizer_path)

@@ -124,8 +124,7 @@ class Recommender:
             if net.use_text:
                 net.set_item_features(item_features)
             if self.item_codes is not None:
-                codes = torch.from_numpy(self.item_codes.codes)
-                net.set_item_codes(torch.cat([codes.new_zeros(1, codes.shape[1]), codes]))
+                net.set_item_codes(self.item_codes.table())
             self.table = net.item_table(chunk_size)  # (N + 1, D)
             self.candidates = net.candidate_vectors(self.table[1:])  # (N, D), what scores are taken against
 
@@ -287,12 +286,13 @@ class Recommender:
         with torch.inference_mode():
             features = features.to(torch.float32)
             item_codes, new_codes = (None, None) if self.item_codes is None else self.item_codes.extended(features.numpy())
-            code_parts = (torch.from_numpy(new_codes).split(self.chunk_size) if new_codes is not None
-                          else [None] * len(features.split(self.chunk_size)))
-            new_rows = torch.cat([net.new_item_vectors(part, codes)
-                                  for part, codes in zip(features.split(self.chunk_size), code_parts)])
+            new_codes = None if new_codes is None else torch.from_numpy(new_codes)
+            chunk = self.chunk_size
+            new_rows = torch.cat([net.new_item_vectors(features[start:start + chunk],
+                                                       None if new_codes is None else new_codes[start:start + chunk])
+                                  for start in range(0, len(features), chunk)])
             item_features = torch.cat([net.item_features, features.to(net.item_features)]) if net.use_text else None
-            net_codes = None if new_codes is None else torch.cat([net.item_codes, torch.from_numpy(new_codes).to(net.item_codes)])
+            net_codes = None if new_codes is None else torch.cat([net.item_codes, new_codes.to(net.item_codes)])
             table = torch.cat([self.table, new_rows])
             candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
         grown = None
