@@ -80,7 +80,7 @@ def run_one(n_items: int, n_users: int, loss: str, items_as: str, data_root: str
         with tempfile.TemporaryDirectory() as cache:
             codes = item_codes(features[1:].numpy(), CodeSettings("opq", net.code_digits, net.codes_per_digit), cache)
         codes_fit_s = round(time.perf_counter() - start, 1)
-        net.set_item_codes(torch.cat([torch.zeros(1, codes.codes.shape[1], dtype=torch.long), torch.from_numpy(codes.codes)]))
+        net.set_item_codes(codes.table())
         del codes
     if use_text:
         net.set_item_features(features)
@@ -208,17 +208,17 @@ def main() -> None:
     common.write_results("scaling", {"threads": args.threads, "model": "UniSRec, hidden 300, batch 2048; items_as per row",
                                      "runs": rows}, command)
     plot(rows, common.RESULTS / "scaling.png")
-    done = sorted((r for r in rows if "epoch_s" in r and r["sweep"] == "catalog" and r["loss"] == "sampled"
-                   and r["items_as"] == "text+id"), key=lambda r: r["items"])
+    # ratios compare rows of this run only: kept rows of other days ran under other load
+    ours = [r for r in rows if r.get("command") == command and "epoch_s" in r and r["sweep"] == "catalog"]
+    done = sorted((r for r in ours if r["loss"] == "sampled" and r["items_as"] == "text+id"), key=lambda r: r["items"])
     if len(done) >= 2:
         lo, hi = done[0], done[-1]
         print(f"RATIOS sampled softmax, {hi['items']:,} vs {lo['items']:,} items ({hi['items'] / lo['items']:.0f}x catalog): "
               f"epoch {hi['epoch_s'] / lo['epoch_s']:.1f}x, evaluation {hi['eval_s'] / lo['eval_s']:.1f}x, "
               f"peak RSS {hi['peak_rss_mb'] / lo['peak_rss_mb']:.1f}x")
-    for codes in (r for r in rows if r.get("items_as") == "codes" and "epoch_s" in r and r["sweep"] == "catalog"):
-        peer = next((r for r in rows if _key(r)[:4] == _key(codes)[:4] and r.get("items_as") == "text+id"
-                     and "epoch_s" in r), None)
-        if peer and peer.get("item_params"):
+    for codes in (r for r in ours if r["items_as"] == "codes"):
+        peer = next((r for r in ours if _key(r)[:4] == _key(codes)[:4] and r["items_as"] == "text+id"), None)
+        if peer:
             print(f"RATIOS codes vs text+id, {codes['items']:,} items, {codes['loss']}: item parameters "
                   f"{codes['item_params'] / peer['item_params']:.4f}x, peak RSS {codes['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x, "
                   f"epoch {codes['epoch_s'] / peer['epoch_s']:.2f}x")
