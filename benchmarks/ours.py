@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from unisrec_x.allocator import trim_heap
 from unisrec_x.data.datamodule import SeqRecDataModule
+from unisrec_x.lit.heap import EVERY_N_STEPS
 from unisrec_x.lit.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
@@ -33,7 +35,8 @@ def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args)
 
 def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, steps: int | None = None) -> int:
     """Optimiser steps of ``training_step`` (the code Lightning runs); returns the training sequences
-    (targets: prefix examples, or the target positions of windows) seen."""
+    (targets: prefix examples, or the target positions of windows) seen. The heap is trimmed as the
+    CLI's ``HeapTrim`` does, so the figures include its cost."""
     module.train()
     seen = 0
     for step, batch in enumerate(loader):
@@ -43,4 +46,6 @@ def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, 
         module.training_step(batch, step).backward()
         optimizer.step()
         seen += int((batch.target > 0).sum())
+        if (step + 1) % EVERY_N_STEPS == 0:
+            trim_heap()
     return seen

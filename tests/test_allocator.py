@@ -52,3 +52,34 @@ def test_the_users_own_malloc_settings_win():
 def test_nothing_happens_off_linux(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert fix_mmap_threshold(1 << 20) is False
+
+
+TRIM_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from unisrec_x.allocator import fix_mmap_threshold, trim_heap
+
+    def rss_mb():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+
+    fix_mmap_threshold(32 << 20)  # as the CLI: blocks of a few MB come from the heap
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(4 << 20) for _ in range(64)]  # 256 MB of 4 MB blocks, touched
+    for block in blocks:
+        ctypes.memset(block, 1, 4 << 20)
+    for block in blocks[:-1]:  # the last one pins the heap's top: nothing is trimmed on free
+        libc.free(block)
+    before = rss_mb()
+    trimmed = trim_heap() if sys.argv[1] == "trim" else False
+    print(trimmed, before - rss_mb())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_trim_returns_freed_heap_below_a_live_block():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "UNISREC_X_MALLOC"}
+    outputs = {mode: subprocess.run([sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True,
+                                    check=True, env=clean).stdout.split() for mode in ("trim", "keep")}
+    assert outputs["trim"][0] == "True" and int(outputs["trim"][1]) > 200  # of the 252 MB freed
+    assert outputs["keep"][0] == "False" and int(outputs["keep"][1]) < 20  # freed, but still resident

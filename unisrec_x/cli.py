@@ -13,12 +13,13 @@ from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.lit.checkpoint import read_state_dict
 from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
+from unisrec_x.lit.heap import HeapTrim
 from unisrec_x.lit.initial import InitialWeights, tested_checkpoint
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
 #: Blocks above this are mmapped and returned to the system when freed (allocator.py; benchmarks/README.md, "Peak memory").
-MMAP_THRESHOLD = 128 * 1024
+MMAP_THRESHOLD = 32 << 20
 
 
 def _experiment():
@@ -81,7 +82,8 @@ class UniSRecCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested or None, weights_only=True)
 
 
-def trainer_defaults() -> dict:
+def trainer_defaults(trim_heap: bool = False) -> dict:
+    """The Trainer's defaults; ``trim_heap`` when the mmap threshold is fixed (``lit/heap.py``)."""
     return {
         "max_epochs": 300,
         "default_root_dir": "runs",
@@ -91,6 +93,7 @@ def trainer_defaults() -> dict:
             ResumingModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
             TestMetricsWriter(),
             RNGStateCheckpoint(),
+            *([HeapTrim()] if trim_heap else []),
         ],
     }
 
@@ -101,9 +104,9 @@ def main(args: list[str] | None = None) -> None:
     words = sys.argv[1:] if args is None else args
     if words and words[0] in COMMANDS:
         return COMMANDS[words[0]]()(words[1:])
-    fix_mmap_threshold(MMAP_THRESHOLD)
+    fixed = fix_mmap_threshold(MMAP_THRESHOLD)
     try:
-        UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(),
+        UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(fixed),
                    save_config_kwargs={"overwrite": True}, args=args)
     except (DataError, NonFiniteLossError) as err:
         logging.getLogger("unisrec-x").error("%s", err)

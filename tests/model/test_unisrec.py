@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import assert_close_f32
 from unisrec_x.model.moe_adapter import MoEAdapter
 from unisrec_x.model.seq_encoder import SequenceEncoder
 from unisrec_x.model.unisrec import UniSRec
@@ -105,3 +106,27 @@ def test_last_item_residual_adds_the_unit_last_item_vector_with_a_learned_weight
     assert isinstance(net.encoder.residual_weight, torch.nn.Parameter)  # learned, and saved with the model
     with pytest.raises(ValueError, match="cosine"):
         UniSRec(num_items=30, use_text=False, use_item_id=True, similarity="dot", last_item_residual=True)
+
+
+def test_batched_adapter_equals_the_per_expert_sum_with_its_gradients():
+    """The MoE adapter runs its experts as one product with the shift applied after it; this is
+    UniSRec's per-expert form, sum_e gate_e * W_e (x - b_e), written out."""
+    torch.manual_seed(0)
+    adapter = MoEAdapter(16, 12, n_experts=3, dropout=0.0, gate_noise=False)
+    for expert in adapter.experts:
+        torch.nn.init.normal_(expert.bias)
+    torch.nn.init.normal_(adapter.gate)
+    x = torch.randn(4, 5, 16)
+
+    def per_expert(x):
+        outputs = torch.stack([expert.linear(x - expert.bias) for expert in adapter.experts], dim=-2)
+        return (adapter.gates(x).unsqueeze(-1) * outputs).sum(-2)
+
+    params = list(adapter.parameters())
+    got, expected = adapter(x), per_expert(x)
+    assert_close_f32(got, expected)
+    for g, e in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
+        assert_close_f32(g, e, rtol=1e-4)
+    adapter.experts[0].dropout.p = 0.5  # training: every expert draws its own mask
+    out = adapter.train()(x[:1, :1].expand(1, 64, 16))
+    assert out.shape == (1, 64, 12) and not torch.allclose(out[0, 0], out[0, 1])

@@ -15,6 +15,7 @@ from unisrec_x.lit.checkpoint import load_pretrained
 from unisrec_x.lit.guards import check_finite
 from unisrec_x.losses import chunked_next_item_loss
 from unisrec_x.metrics import RankingMetrics
+from unisrec_x.microbatch import micro_batched_loss
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.ranking import DEFAULT_CHUNK, chunked_target_ranks
 from unisrec_x.sampled_softmax import NegativeSampler, NegativeSampling, sampled_softmax_loss
@@ -26,7 +27,8 @@ class SeqRecModule(pl.LightningModule):
     def __init__(self, net: UniSRec, ks: list[int] | None = None, pretrained: str | None = None,
                  freeze_encoder: bool = False, loss: Literal["full", "sampled"] = "full", num_negatives: int = 1024,
                  negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
-                 loss_chunk_rows: int = 4096, long_tail_max_count: int | None = 5) -> None:
+                 loss_chunk_rows: int = 4096, encoder_chunk_tokens: int | None = 4096,
+                 long_tail_max_count: int | None = 5) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -42,6 +44,12 @@ class SeqRecModule(pl.LightningModule):
             loss_chunk_rows: full softmax: targets whose logits over the catalog are computed at a time in
                 training (position-wise batches have one target per position), bounding memory to
                 ``loss_chunk_rows`` x N.
+            encoder_chunk_tokens: a training batch of more positions (rows x length) than this is
+                encoded at most this many at a time. The full-softmax loss runs exact micro-batches
+                (each chunk's backward before the next chunk's forward, ``microbatch.py``); the
+                sampled loss and pretraining checkpoint the chunks (``SequenceEncoder.outputs_at``:
+                one more forward pass). Same gradients either way, with activation memory bounded
+                by the chunk. ``None``: never chunk.
             long_tail_max_count: the test pass also reports ``test/long_tail/*``: the metrics over the rows
                 whose target occurs at most this often among the training targets (rare items, where
                 text and pretraining should matter most); ``None`` turns it off.
@@ -57,6 +65,7 @@ class SeqRecModule(pl.LightningModule):
             raise ValueError(f"loss must be 'full' or 'sampled', got {loss!r}")
         self.loss, self.num_negatives, self.negative_sampling = loss, num_negatives, negative_sampling
         self.eval_chunk_size, self.loss_chunk_rows = eval_chunk_size, loss_chunk_rows
+        self.encoder_chunk_tokens = encoder_chunk_tokens
         self.long_tail_max_count = long_tail_max_count
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
@@ -92,12 +101,30 @@ class SeqRecModule(pl.LightningModule):
         if self.loss == "sampled":
             loss = self._sampled_loss(batch)
         else:
-            table = self.net.item_table()  # (N + 1, D), once per step
-            seq_repr, target = self.training_queries(batch, table[batch.item_seq])
-            loss = chunked_next_item_loss(lambda rows: self.net.score(rows, table), seq_repr, target, self.loss_chunk_rows)
+            loss = self._full_loss(batch, self.net.item_table())  # the item table once per step
         check_finite(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=int((batch.target > 0).sum()))
         return loss
+
+    def _full_loss(self, batch: SeqBatch | PositionBatch, table: torch.Tensor) -> torch.Tensor:
+        """Mean full-softmax loss over the batch's targets; a batch of more than ``encoder_chunk_tokens``
+        positions runs as exact micro-batches of at most that many (``microbatch.py``)."""
+        rows, length = batch.item_seq.shape
+        count = int((batch.target > 0).sum())
+        chunk_rows = rows if self.encoder_chunk_tokens is None else max(1, self.encoder_chunk_tokens // length)
+        if chunk_rows >= rows or not torch.is_grad_enabled():
+            return self._loss_sum(batch, table) / count
+        params = [p for p in self.parameters() if p.requires_grad]
+        return micro_batched_loss(lambda part, shared: self._loss_sum(type(batch)(*(f[part] for f in batch)), shared),
+                                  rows, chunk_rows, table, params, count)
+
+    def _loss_sum(self, batch: SeqBatch | PositionBatch, table: torch.Tensor) -> torch.Tensor:
+        """Summed full-softmax loss of the batch's targets against every item of ``table``."""
+        seq_repr, target = self.training_queries(batch, table[batch.item_seq])
+        if len(target) == 0:
+            return table.new_zeros(())
+        loss = chunked_next_item_loss(lambda rows: self.net.score(rows, table), seq_repr, target, self.loss_chunk_rows)
+        return loss * len(target)
 
     def training_queries(self, batch: SeqBatch | PositionBatch, item_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """History vectors (B, L, D) -> the sequence vector of every training target (M, D), and the targets (M,).
@@ -108,8 +135,14 @@ class SeqRecModule(pl.LightningModule):
         """
         if isinstance(batch, PositionBatch):
             has_target = batch.target > 0  # (B, L)
-            return self.net.encoder.hidden_states(item_emb)[has_target], batch.target[has_target]  # (B, L, D) -> (M, D)
-        return self.net.encoder(item_emb, batch.seq_len), batch.target
+            return self.net.encoder.outputs_at(item_emb, has_target, self.encoder_chunk_tokens), batch.target[has_target]
+        return self.encode_training_histories(item_emb, batch.seq_len), batch.target
+
+    def encode_training_histories(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """item_emb (B, L, D), seq_len (B,) -> the output at each history's last item (B, D), chunked
+        as ``encoder_chunk_tokens`` says."""
+        last = torch.arange(item_emb.shape[1], device=seq_len.device) == (seq_len - 1).unsqueeze(1)  # (B, L)
+        return self.net.encoder.outputs_at(item_emb, last, self.encoder_chunk_tokens)
 
     def _sampled_loss(self, batch: SeqBatch | PositionBatch) -> torch.Tensor:
         """Adapt only the items this batch touches (histories, targets, negatives), then sampled softmax."""

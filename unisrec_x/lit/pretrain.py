@@ -27,7 +27,7 @@ class PretrainModule(SeqRecModule):
 
     def __init__(self, net: UniSRec, lambda_seq_seq: float = 1e-3, item_drop_view_prob: float = 0.9,
                  item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None,
-                 negatives: int = 0) -> None:
+                 negatives: int = 0, encoder_chunk_tokens: int | None = None) -> None:
         """
         Args:
             net: a text-only UniSRec (item IDs do not transfer across domains).
@@ -40,11 +40,15 @@ class PretrainModule(SeqRecModule):
                 targets only. More: also against this many items drawn uniformly from every source's
                 catalog, with the log-Q correction of the sampled loss (``SeqRecModule``), so that
                 popular items, frequent in-batch negatives, are not pushed down.
+            encoder_chunk_tokens: bound on the positions encoded at once (``SeqRecModule``). Off by
+                default: here chunks are checkpointed (recomputed in backward), as the sequence-sequence
+                task couples a batch's rows; set it for sources with long histories.
         """
         if net.use_item_id or net.use_codes:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
                              "(IDs and codes mean nothing in another domain)")
-        super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives)
+        super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives,
+                         encoder_chunk_tokens=encoder_chunk_tokens)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
 
@@ -91,7 +95,7 @@ class PretrainModule(SeqRecModule):
             # each row's last target: its whole history (every row of a prefix batch)
             last = (batch.target > 0).sum(1).cumsum(0) - 1 if isinstance(batch, PositionBatch) else slice(None)
             view_emb, view_len = self.view(batch, table)
-            loss_seq_seq = info_nce(seq_repr[last], self.net.encoder(view_emb, view_len), temperature,
+            loss_seq_seq = info_nce(seq_repr[last], self.encode_training_histories(view_emb, view_len), temperature,
                                     same_target=target[last])
             loss = loss + self.hparams.lambda_seq_seq * loss_seq_seq
             self.log("train/seq_seq", loss_seq_seq, batch_size=len(batch.seq_len))

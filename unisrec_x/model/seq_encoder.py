@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class TransformerLayer(nn.Module):
@@ -89,6 +90,26 @@ class SequenceEncoder(nn.Module):
         if self.residual_weight is not None:
             x = F.normalize(x, dim=-1) + self.residual_weight * F.normalize(item_emb, dim=-1)
         return x
+
+    def outputs_at(self, item_emb: torch.Tensor, at: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+        """item_emb (B, L, D), at (B, L) bool -> the outputs at the marked positions (M, D), row-major.
+
+        Training batches hold a fixed number of *targets*, not positions: a batch of late windows of
+        long sequences (a few new targets each, all L positions encoded) held 25k positions against
+        ~8k for a batch of first windows, and its activations set the process's peak memory. With
+        ``chunk_tokens``, while gradients are on, rows are encoded at most ``chunk_tokens`` positions
+        at a time, each chunk checkpointed (its activations are dropped after the forward pass and
+        recomputed in backward, one chunk at a time): the same outputs and gradients, with memory
+        bounded by the chunk, at the cost of one more forward pass of the batches that exceed it.
+        """
+        rows = len(at) if chunk_tokens is None else max(1, chunk_tokens // max(1, at.shape[1]))
+        if rows >= len(at) or not torch.is_grad_enabled():
+            return self.hidden_states(item_emb)[at]
+        return torch.cat([checkpoint(self._outputs_at, item_emb[start:start + rows], at[start:start + rows],
+                                     use_reentrant=False) for start in range(0, len(at), rows)])
+
+    def _outputs_at(self, item_emb: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return self.hidden_states(item_emb)[at]
 
 
 def _init_weights(module: nn.Module) -> None:
