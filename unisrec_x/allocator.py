@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -34,6 +35,12 @@ def _libc() -> ctypes.CDLL | None:
     """glibc, or ``None`` off Linux and where the user keeps glibc's own malloc behaviour."""
     if sys.platform != "linux" or os.environ.get(OFF_ENV) == "default" or any(k in os.environ for k in USER_SETTINGS):
         return None
+    return _load_glibc()
+
+
+@functools.cache
+def _load_glibc() -> ctypes.CDLL | None:
+    """Loaded once: ``find_library`` runs ``ldconfig`` (~4 ms), and ``trim_heap`` runs every step."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # musl and other C libraries have neither

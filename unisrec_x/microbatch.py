@@ -33,7 +33,8 @@ def micro_batched_loss(chunk_loss_sum: Callable[[slice, torch.Tensor], torch.Ten
 
     Returns:
         A scalar equal to ``sum over chunks / count``; its backward gives every parameter the
-        gradient the unchunked loss would, running ``shared``'s graph once.
+        gradient the unchunked loss would, running ``shared``'s graph once. Not for float16 loss
+        scaling: the chunks' gradients are taken unscaled (``SeqRecModule`` does not micro-batch then).
     """
     leaf = shared.detach().requires_grad_(shared.requires_grad)
     inputs = ([leaf] if leaf.requires_grad else []) + list(params)
@@ -44,12 +45,12 @@ def micro_batched_loss(chunk_loss_sum: Callable[[slice, torch.Tensor], torch.Ten
         if not part.requires_grad:  # no targets in these rows
             continue
         for i, grad in enumerate(torch.autograd.grad(part, inputs, allow_unused=True)):
-            if grad is not None:
-                grads[i] = grad if grads[i] is None else grads[i] + grad
+            if grad is not None:  # summed in float32: a bfloat16 table's chunks would lose precision
+                grads[i] = grad.float() if grads[i] is None else grads[i] + grad.float()
         value = value + part.detach()
     pairs = [(x, g) for x, g in zip([shared] + list(params) if leaf.requires_grad else list(params), grads)
              if g is not None]
     if not pairs:
         return value
-    surrogate = sum((x * g).sum() for x, g in pairs)  # d/dx = g
-    return value + surrogate - surrogate.detach()
+    surrogate = sum((x.float() * g).sum() for x, g in pairs)  # d/dx = g
+    return value + (surrogate - surrogate.detach())  # exactly `value`

@@ -127,6 +127,11 @@ def test_batched_adapter_equals_the_per_expert_sum_with_its_gradients():
     assert_close_f32(got, expected)
     for g, e in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
         assert_close_f32(g, e, rtol=1e-4)
-    adapter.experts[0].dropout.p = 0.5  # training: every expert draws its own mask
-    out = adapter.train()(x[:1, :1].expand(1, 64, 16))
+    # training: each expert drops with its own rate; expert 0 drops everything, the others nothing
+    adapter.experts[0].dropout.p = 1.0
+    dropped = torch.stack([expert.linear((x if i else torch.zeros_like(x)) - expert.bias)
+                           for i, expert in enumerate(adapter.experts)], dim=-2)
+    assert_close_f32(adapter.train()(x), (adapter.gates(x).unsqueeze(-1) * dropped).sum(-2))
+    adapter.experts[0].dropout.p = 0.5  # every expert draws its own mask: identical rows come out different
+    out = adapter(x[:1, :1].expand(1, 64, 16))
     assert out.shape == (1, 64, 12) and not torch.allclose(out[0, 0], out[0, 1])

@@ -112,7 +112,8 @@ class SeqRecModule(pl.LightningModule):
         rows, length = batch.item_seq.shape
         count = int((batch.target > 0).sum())
         chunk_rows = rows if self.encoder_chunk_tokens is None else max(1, self.encoder_chunk_tokens // length)
-        if chunk_rows >= rows or not torch.is_grad_enabled():
+        float16 = self._trainer is not None and str(self.trainer.precision).startswith("16")  # loss scaling
+        if chunk_rows >= rows or not torch.is_grad_enabled() or float16:
             return self._loss_sum(batch, table) / count
         params = [p for p in self.parameters() if p.requires_grad]
         return micro_batched_loss(lambda part, shared: self._loss_sum(type(batch)(*(f[part] for f in batch)), shared),

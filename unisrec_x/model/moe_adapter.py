@@ -54,9 +54,8 @@ class MoEAdapter(nn.Module):
         rows = x.reshape(-1, x.shape[-1])  # (R, in)
         weight = torch.stack([expert.linear.weight for expert in self.experts])  # (E, out, in)
         shift = torch.stack([expert.linear.weight @ expert.bias for expert in self.experts])  # (E, out)
-        p = self.experts[0].dropout.p
-        if self.training and p > 0:  # one mask per expert: (E, R, in)
-            inputs = F.dropout(rows.expand(len(self.experts), *rows.shape), p, training=True)
+        if self.training and any(expert.dropout.p > 0 for expert in self.experts):  # each its own mask and rate
+            inputs = torch.stack([expert.dropout(rows) for expert in self.experts])  # (E, R, in)
             expert_out = torch.bmm(inputs, weight.transpose(1, 2))  # (E, R, out)
         else:
             expert_out = torch.matmul(rows, weight.transpose(1, 2))  # (E, R, out)
