@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from unisrec_x.allocator import trim_heap
 from unisrec_x.data.datamodule import SeqRecDataModule
-from unisrec_x.lit.heap import EVERY_N_STEPS
+from unisrec_x.lit.heap import trim_after_step
 from unisrec_x.lit.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
@@ -46,6 +45,5 @@ def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, 
         module.training_step(batch, step).backward()
         optimizer.step()
         seen += int((batch.target > 0).sum())
-        if (step + 1) % EVERY_N_STEPS == 0:
-            trim_heap()
+        trim_after_step(step)
     return seen

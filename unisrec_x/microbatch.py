@@ -37,7 +37,8 @@ def micro_batched_loss(chunk_loss_sum: Callable[[slice, torch.Tensor], torch.Ten
         scaling: the chunks' gradients are taken unscaled (``SeqRecModule`` does not micro-batch then).
     """
     leaf = shared.detach().requires_grad_(shared.requires_grad)
-    inputs = ([leaf] if leaf.requires_grad else []) + list(params)
+    inputs = ([leaf] if leaf.requires_grad else []) + list(params)  # what the chunks are differentiated by
+    originals = ([shared] if leaf.requires_grad else []) + list(params)  # what their gradients belong to
     grads: list[torch.Tensor | None] = [None] * len(inputs)
     value = torch.zeros((), device=shared.device)
     for start in range(0, rows, chunk_rows):
@@ -48,8 +49,7 @@ def micro_batched_loss(chunk_loss_sum: Callable[[slice, torch.Tensor], torch.Ten
             if grad is not None:  # summed in float32: a bfloat16 table's chunks would lose precision
                 grads[i] = grad.float() if grads[i] is None else grads[i] + grad.float()
         value = value + part.detach()
-    pairs = [(x, g) for x, g in zip([shared] + list(params) if leaf.requires_grad else list(params), grads)
-             if g is not None]
+    pairs = [(x, g) for x, g in zip(originals, grads) if g is not None]
     if not pairs:
         return value
     surrogate = sum((x.float() * g).sum() for x, g in pairs)  # d/dx = g

@@ -10,6 +10,12 @@ from unisrec_x.allocator import trim_heap
 EVERY_N_STEPS = 1
 
 
+def trim_after_step(step: int, every_n_steps: int = EVERY_N_STEPS) -> None:
+    """Trim after training step ``step`` (0-based) when it ends a period of ``every_n_steps``."""
+    if (step + 1) % every_n_steps == 0:
+        trim_heap()
+
+
 class HeapTrim(pl.Callback):
     """Bounds the resident set of a long fit under the CLI's fixed mmap threshold (``allocator.py``).
 
@@ -22,8 +28,7 @@ class HeapTrim(pl.Callback):
         self.every_n_steps = every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.every_n_steps == 0:
-            trim_heap()
+        trim_after_step(batch_idx, self.every_n_steps)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trim_heap()

@@ -104,7 +104,7 @@ class SequenceEncoder(nn.Module):
         """
         rows = len(at) if chunk_tokens is None else max(1, chunk_tokens // max(1, at.shape[1]))
         if rows >= len(at) or not torch.is_grad_enabled():
-            return self.hidden_states(item_emb)[at]
+            return self._outputs_at(item_emb, at)
         return torch.cat([checkpoint(self._outputs_at, item_emb[start:start + rows], at[start:start + rows],
                                      use_reentrant=False) for start in range(0, len(at), rows)])
 
