@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from unisrec_x.data.datamodule import SeqRecDataModule
-from unisrec_x.lit.heap import trim_after_step
+from unisrec_x.lit.heap import GrowthTrim
 from unisrec_x.lit.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
@@ -37,7 +37,7 @@ def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, 
     (targets: prefix examples, or the target positions of windows) seen. The heap is trimmed as the
     CLI's ``HeapTrim`` does, so the figures include its cost."""
     module.train()
-    seen = 0
+    seen, trim = 0, GrowthTrim()
     for step, batch in enumerate(loader):
         if steps is not None and step == steps:
             break
@@ -45,5 +45,5 @@ def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, 
         module.training_step(batch, step).backward()
         optimizer.step()
         seen += int((batch.target > 0).sum())
-        trim_after_step(step)
+        trim.after_step()
     return seen

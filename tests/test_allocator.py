@@ -83,3 +83,36 @@ def test_trim_returns_freed_heap_below_a_live_block():
                                     check=True, env=clean).stdout.split() for mode in ("trim", "keep")}
     assert outputs["trim"][0] == "True" and int(outputs["trim"][1]) > 200  # of the 252 MB freed
     assert outputs["keep"][0] == "False" and int(outputs["keep"][1]) < 20  # freed, but still resident
+
+
+def test_growth_trim_trims_only_past_the_warm_level_plus_its_allowance(monkeypatch):
+    from unisrec_x.lit import heap
+
+    readings, trims = iter([500.0, 600.0, 629.0, 300.0, 420.0, 429.0]), []
+    monkeypatch.setattr(heap, "resident_mb", lambda: next(readings))
+    monkeypatch.setattr(heap, "trim_heap", lambda: trims.append(True))
+    policy = heap.GrowthTrim(growth_mb=128)
+    # warm level 500 (one step after start); 600 is within 128 MB of it; 629 is not -> trim;
+    # 300 is the new warm level; 420 within; 429 within (300 + 128 = 428 < 429) -> trim
+    assert [policy.after_step() for _ in range(6)] == [False, False, True, False, False, True]
+    assert policy.trims == len(trims) == 2
+
+
+def test_growth_trim_trims_every_step_without_procfs(monkeypatch):
+    from unisrec_x.lit import heap
+
+    monkeypatch.setattr(heap, "resident_mb", lambda: None)
+    monkeypatch.setattr(heap, "trim_heap", lambda: True)
+    policy = heap.GrowthTrim()
+    assert all(policy.after_step() for _ in range(3))
+
+
+def test_resident_set_is_read_from_procfs():
+    from unisrec_x.lit.heap import resident_mb
+
+    rss = resident_mb()
+    if sys.platform.startswith("linux"):
+        status = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+        assert rss == pytest.approx(status, rel=0.1)
+    else:
+        assert rss is None

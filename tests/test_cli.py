@@ -121,3 +121,13 @@ def test_each_training_scheme_from_the_cli(slice_env, scheme):
     out = json.loads(next((slice_env / "runs").rglob("test_metrics.json")).read_text())
     assert 0.0 <= out["metrics"]["ndcg@10"] <= out["metrics"]["recall@10"] <= 1.0
     assert f"training_examples: {scheme}" in next((slice_env / "runs").rglob("config.yaml")).read_text()
+
+
+@pytest.mark.parametrize("words", [[], ["experiment", "transfer"], ["experiment", "schemes"], ["prepare"], ["recommend"],
+                                   ["add-items"], ["export"], ["serve"]], ids=lambda w: "-".join(w) or "fit")
+def test_every_command_prints_its_help(words, capsys):
+    """Help text goes through %-formatting: a literal "5%" in one crashed `experiment transfer --help`."""
+    with pytest.raises(SystemExit) as done:
+        main([*words, "--help"])
+    assert done.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from unisrec_x.experiment import FOUNDATION, arm_command, markdown_table, run_ar
 def _finish(tmp_path, arm, seed, command, ndcg, defaults=experiment.DEFAULTS_VERSION):
     run_dir = tmp_path / arm.name / f"seed{seed}"
     run_dir.mkdir(parents=True)
+    (run_dir / experiment.RUN_LOG).write_text("the finished run's log\n")
     (run_dir / "finished.json").write_text(json.dumps({"command": shlex.join(command), "wall_s": 12.0,
                                                        "defaults": defaults}))
     metrics = {"recall@10": 0.1, "ndcg@10": ndcg, "recall@50": 0.2, "ndcg@50": 0.07}
@@ -49,6 +50,48 @@ def test_a_run_made_under_older_defaults_is_not_reused(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed"):  # same command line, other defaults: trained again
         run_arm(arm, 1, tmp_path, False, None)
     assert len(calls) == 1
+
+
+def test_a_folder_the_runner_did_not_make_is_refused_untouched(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    run_dir = tmp_path / arm.name / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("a user's file")
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran into a foreign folder"))
+    with pytest.raises(FileExistsError, match="not made by unisrec-x experiment"):
+        run_arm(arm, 1, tmp_path, False, None)
+    assert (run_dir / "notes.txt").read_text() == "a user's file"
+
+
+def test_a_run_folder_in_use_by_another_runner_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, ["unisrec-x", "an", "older", "command"], 0.05)
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
+    with experiment.exclusive(tmp_path / arm.name / "seed1"):  # the other runner, mid-run
+        with pytest.raises(RuntimeError, match="in use by another unisrec-x experiment"):
+            run_arm(arm, 1, tmp_path, False, None)
+    assert (tmp_path / arm.name / "seed1" / "test_metrics.json").exists()  # its files are still there
+
+
+def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    run_dir = tmp_path / arm.name / "seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / experiment.RUN_LOG).write_text("killed half-way\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stale")
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, stdout, **kwargs):
+        assert not (run_dir / "checkpoints").exists()  # the interrupted run's files went first
+        (run_dir / "test_metrics.json").write_text(json.dumps(
+            {"metrics": {"ndcg@10": 0.04}, "fit_seconds": 1.0, "epochs_trained": 1}))
+        return Done()
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    assert run_arm(arm, 1, tmp_path, False, None)["metrics"]["ndcg@10"] == 0.04
 
 
 def test_summary_and_table_over_seeds(tmp_path):

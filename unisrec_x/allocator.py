@@ -40,7 +40,7 @@ def _libc() -> ctypes.CDLL | None:
 
 @functools.cache
 def _load_glibc() -> ctypes.CDLL | None:
-    """Loaded once: ``find_library`` runs ``ldconfig`` (~4 ms), and ``trim_heap`` runs every step."""
+    """Loaded once: ``find_library`` runs ``ldconfig`` (~4 ms), and ``trim_heap`` may run every step."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # musl and other C libraries have neither

@@ -48,6 +48,10 @@ COMMANDS = {"experiment": _experiment, "prepare": _prepare,
             **{name: _serving(name) for name in ("recommend", "add-items", "export", "serve")}}
 
 
+DESCRIPTION = ("unisrec-x: train (fit; pretraining is `fit -c configs/pretrain/...`), validate and test with "
+               "LightningCLI. Other commands, each with --help: " + ", ".join(COMMANDS) + ".")
+
+
 class UniSRecCLI(LightningCLI):
     """Links ``num_items``/``feature_dim`` from the data, and tests the best checkpoint after ``fit``."""
 
@@ -107,7 +111,7 @@ def main(args: list[str] | None = None) -> None:
     fixed = fix_mmap_threshold(MMAP_THRESHOLD)
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(fixed),
-                   save_config_kwargs={"overwrite": True}, args=args)
+                   save_config_kwargs={"overwrite": True}, parser_kwargs={"description": DESCRIPTION}, args=args)
     except (DataError, NonFiniteLossError) as err:
         logging.getLogger("unisrec-x").error("%s", err)
         sys.exit(2)

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", nargs="+", help="target datasets: a path prefix under the data root or a "
                         f"source name (default: {' '.join(DEFAULT_TARGETS)}; --quick: {' '.join(QUICK_TARGETS)})")
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES),
-                        help=f"default: all; --quick: {' '.join(QUICK_REGIMES)}")
+                        help=f"default: all; --quick: {' '.join(QUICK_REGIMES)}".replace("%", "%%"))
     parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
     parser.add_argument("--full_seeds", type=int, nargs="+", default=[1], help="seeds of the 100%% regime")
