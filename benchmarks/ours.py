@@ -34,8 +34,10 @@ def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args)
 
 def train_steps(module: SeqRecModule, loader, optimizer: torch.optim.Optimizer, steps: int | None = None) -> int:
     """Optimiser steps of ``training_step`` (the code Lightning runs); returns the training sequences
-    (targets: prefix examples, or the target positions of windows) seen. The heap is trimmed as the
-    CLI's ``HeapTrim`` does, so the figures include its cost."""
+    (targets: prefix examples, or the target positions of windows) seen. The heap is trimmed by the
+    policy of the CLI's ``HeapTrim`` (``GrowthTrim``, a fresh one per call, so each call's first step sets
+    the warm level), so the figures include its cost; unlike ``HeapTrim``, callers do not trim after
+    their own evaluation passes."""
     module.train()
     seen, trim = 0, GrowthTrim()
     for step, batch in enumerate(loader):

@@ -60,7 +60,7 @@ def _loop(train, valid, args) -> dict:
         print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
         if score > max((c["val_ndcg@10"] for c in curve[:-1]), default=-1.0):
             best_epoch = epoch
-        if score >= args.threshold or epoch - best_epoch >= args.patience:
+        if score >= args.threshold or 0 < args.patience <= epoch - best_epoch:
             break
     return {**time_to(curve, args.threshold), "epochs": curve[-1]["epoch"],
             "best_val_ndcg@10": max(c["val_ndcg@10"] for c in curve),
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.059)
     parser.add_argument("--also", type=float, nargs="*", default=[0.055, 0.057], help="lower thresholds read off the same curves")
     parser.add_argument("--max_epochs", type=int, default=40)
-    parser.add_argument("--patience", type=int, default=10, help="stop a side after this many epochs without improvement")
+    parser.add_argument("--patience", type=int, default=10, help="stop a side after this many epochs without improvement (0: off)")
     parser.add_argument("--side", choices=["ours", "recbole"], help=argparse_hidden())
     args = common.start(parser)
     if args.side:  # a child: run one side, print its figures as the last line
@@ -96,12 +96,12 @@ def main() -> None:
               flush=True)
     command = "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:])
     figures = {"threshold_val_ndcg@10": args.threshold, "threads": args.threads, "command": command, **sides}
-    if sides["ours"]["seconds"] and sides["recbole"]["seconds"]:
+    if sides["ours"]["seconds"] is not None and sides["recbole"]["seconds"] is not None:
         figures["speedup"] = round(sides["recbole"]["seconds"] / sides["ours"]["seconds"], 2)
         print(f"time to val N@10 >= {args.threshold}: {figures['speedup']}x faster than RecBole's Trainer")
     for t in args.also:
         ours_t, peer_t = sides["ours"]["also"][str(t)]["seconds"], sides["recbole"]["also"][str(t)]["seconds"]
-        if ours_t and peer_t:
+        if ours_t is not None and peer_t is not None:
             figures.setdefault("speedup_also", {})[str(t)] = round(peer_t / ours_t, 2)
             print(f"time to val N@10 >= {t}: {peer_t / ours_t:.2f}x faster than RecBole's Trainer")
     path = common.RESULTS / "train_throughput.json"

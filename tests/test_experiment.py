@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -63,14 +65,24 @@ def test_a_folder_the_runner_did_not_make_is_refused_untouched(tmp_path, monkeyp
     assert (run_dir / "notes.txt").read_text() == "a user's file"
 
 
+HOLDER = ("import fcntl, sys, time; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); "
+          "print('held', flush=True); time.sleep(60)")
+
+
 def test_a_run_folder_in_use_by_another_runner_is_refused(tmp_path, monkeypatch):
     pytest.importorskip("fcntl")
     arm = FOUNDATION[0]
     _finish(tmp_path, arm, 1, ["unisrec-x", "an", "older", "command"], 0.05)
-    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
-    with experiment.exclusive(tmp_path / arm.name / "seed1"):  # the other runner, mid-run
+    lock = tmp_path / arm.name / ".seed1.lock"
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:  # another process (a second runner, or a killed runner's still-running child) holds the folder
+        assert other.stdout.readline().strip() == "held"
+        monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
         with pytest.raises(RuntimeError, match="in use by another unisrec-x experiment"):
             run_arm(arm, 1, tmp_path, False, None)
+    finally:
+        other.kill()
+        other.wait()
     assert (tmp_path / arm.name / "seed1" / "test_metrics.json").exists()  # its files are still there
 
 
@@ -86,6 +98,8 @@ def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeyp
 
     def fake_run(cmd, stdout, **kwargs):
         assert not (run_dir / "checkpoints").exists()  # the interrupted run's files went first
+        if sys.platform != "win32":  # the child holds the folder's lock too, in case the runner is killed
+            assert len(kwargs["pass_fds"]) == 1
         (run_dir / "test_metrics.json").write_text(json.dumps(
             {"metrics": {"ndcg@10": 0.04}, "fit_seconds": 1.0, "epochs_trained": 1}))
         return Done()

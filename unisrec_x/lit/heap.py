@@ -29,8 +29,9 @@ class GrowthTrim:
     activations that every step reuses. Trimming those away each step costs their page faults
     again the next step (20-25% of training throughput on Scientific); what needs returning is the
     slow creep of fragments between live blocks (0.5 -> 1.2 GB over 5 epochs untrimmed). So the
-    peak stays within ``growth_mb`` of the warm level, and steps without creep cost one read of
-    ``/proc/self/statm``. Without procfs it trims every step.
+    resident set *between steps* stays within ``growth_mb`` of the warm level (a step's own peak comes
+    on top), and steps without creep cost one read of ``/proc/self/statm``. Without procfs it trims
+    every step.
     """
 
     def __init__(self, growth_mb: float = GROWTH_MB) -> None:
