@@ -52,14 +52,14 @@ def recbole(args) -> dict:
 
 
 def _loop(train, valid, args) -> dict:
-    curve, start, best_epoch = [], time.perf_counter(), 0
+    curve, start, best, best_epoch = [], time.perf_counter(), -1.0, 0
     for epoch in range(1, args.max_epochs + 1):
         train()
         score = valid()
         curve.append({"epoch": epoch, "wall_s": round(time.perf_counter() - start, 1), "val_ndcg@10": round(score, 5)})
         print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
-        if score > max((c["val_ndcg@10"] for c in curve[:-1]), default=-1.0):
-            best_epoch = epoch
+        if score > best:
+            best, best_epoch = curve[-1]["val_ndcg@10"], epoch
         if score >= args.threshold or 0 < args.patience <= epoch - best_epoch:
             break
     return {**time_to(curve, args.threshold), "epochs": curve[-1]["epoch"],

@@ -21,6 +21,11 @@ from pathlib import Path
 
 from unisrec_x.paths import atomic_write_bytes
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, run folders are not guarded against a second runner
+    fcntl = None
+
 log = logging.getLogger(__name__)
 REPORTED = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 #: Bumped when a default that arm commands do not spell out changes (2: position-wise training), so a
@@ -87,12 +92,10 @@ def exclusive(run_dir: Path):
     beside the folder; yields the lock's file descriptor (``None`` where nothing could be locked), which
     ``run_process`` hands to its child, so a killed runner's still-running child keeps the folder held."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield None
+        return
     with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): run unguarded
-            yield None
-            return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

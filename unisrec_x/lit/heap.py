@@ -42,13 +42,12 @@ class GrowthTrim:
     def after_step(self) -> bool:
         """Call after each training step; ``True`` when it trimmed."""
         rss = resident_mb()
-        if rss is not None and self.warm_mb is None:
+        if rss is None or (self.warm_mb is not None and rss > self.warm_mb + self.growth_mb):
+            self.reset()
+            return True
+        if self.warm_mb is None:
             self.warm_mb = rss
-            return False
-        if rss is not None and rss <= self.warm_mb + self.growth_mb:
-            return False
-        self.reset()
-        return True
+        return False
 
     def reset(self) -> None:
         """Trim now; the next step sets the warm level again."""

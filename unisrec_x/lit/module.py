@@ -16,6 +16,7 @@ from unisrec_x.lit.guards import check_finite
 from unisrec_x.losses import chunked_next_item_loss
 from unisrec_x.metrics import RankingMetrics
 from unisrec_x.microbatch import micro_batched_loss
+from unisrec_x.model.seq_encoder import rows_per_chunk
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.ranking import DEFAULT_CHUNK, chunked_target_ranks
 from unisrec_x.sampled_softmax import NegativeSampler, NegativeSampling, sampled_softmax_loss
@@ -111,7 +112,7 @@ class SeqRecModule(pl.LightningModule):
         positions runs as exact micro-batches of at most that many (``microbatch.py``)."""
         rows, length = batch.item_seq.shape
         count = int((batch.target > 0).sum())
-        chunk_rows = rows if self.encoder_chunk_tokens is None else max(1, self.encoder_chunk_tokens // length)
+        chunk_rows = rows_per_chunk(self.encoder_chunk_tokens, rows, length)
         float16 = self._trainer is not None and str(self.trainer.precision).startswith("16")  # loss scaling
         if chunk_rows >= rows or not torch.is_grad_enabled() or float16:
             return self._loss_sum(batch, table) / count

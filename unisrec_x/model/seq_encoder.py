@@ -102,7 +102,7 @@ class SequenceEncoder(nn.Module):
         recomputed in backward, one chunk at a time): the same outputs and gradients, with memory
         bounded by the chunk, at the cost of one more forward pass of the batches that exceed it.
         """
-        rows = len(at) if chunk_tokens is None else max(1, chunk_tokens // max(1, at.shape[1]))
+        rows = rows_per_chunk(chunk_tokens, len(at), at.shape[1])
         if rows >= len(at) or not torch.is_grad_enabled():
             return self._outputs_at(item_emb, at)
         return torch.cat([checkpoint(self._outputs_at, item_emb[start:start + rows], at[start:start + rows],
@@ -110,6 +110,12 @@ class SequenceEncoder(nn.Module):
 
     def _outputs_at(self, item_emb: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         return self.hidden_states(item_emb)[at]
+
+
+def rows_per_chunk(chunk_tokens: int | None, rows: int, length: int) -> int:
+    """Batch rows of ``length`` positions that fit ``chunk_tokens`` positions (at least one); all
+    ``rows`` when there is no bound. Shared by the checkpointed chunks here and the micro-batches."""
+    return rows if chunk_tokens is None else max(1, chunk_tokens // max(1, length))
 
 
 def _init_weights(module: nn.Module) -> None:
