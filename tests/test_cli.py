@@ -134,3 +134,14 @@ def test_every_command_prints_its_help(words, capsys):
     assert "usage:" in out
     if not words:  # the top level names the commands LightningCLI does not know about
         assert all(name in out for name in ("experiment", "prepare", "serve"))
+
+
+def test_patience_sets_early_stopping_and_must_be_positive(slice_env):
+    """A learning rate of 0 never improves on the first validation: patience p stops after 1 + p epochs."""
+    config = next(c for c in CONFIGS if c.endswith("unisrec_inductive.yaml"))
+    runs = slice_env / "runs"
+    main(["fit", "-c", config, *SLICE, "--trainer.max_epochs", "10", "--patience", "2", "--optimizer.init_args.lr", "0",
+          "--trainer.logger.init_args.save_dir", str(runs)])
+    assert json.loads(next(runs.rglob("test_metrics.json")).read_text())["epochs_trained"] == 3
+    with pytest.raises(ValueError, match="--patience must be at least 1, got 0"):
+        main(["fit", "-c", config, *SLICE, "--patience", "0", "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from unisrec_x import transfer
-from unisrec_x.transfer import ARMS, REGIMES, run_one, user_sample
+from unisrec_x.transfer import ARMS, REGIMES, arm_command, run_one, user_sample
 from unisrec_x.transfer_report import rows_of
 
 ARM = {a.name: a for a in ARMS}
@@ -108,3 +108,20 @@ def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
     config.write_text("model: {lr: 2}\n")  # same command line, other meaning
     run_one(*args)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("regime, interval", [("5%", 20), ("20%", 5), ("100%", 1)])
+def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path, regime, interval):
+    """At 5% of the users an epoch is one step: validating per epoch stopped runs after ten steps."""
+    from unisrec_x.cli import trainer_defaults
+
+    assert transfer.MAX_EPOCHS == trainer_defaults()["max_epochs"]
+    words = arm_command(ARM["scratch_inductive"], "office", regime, 1, tmp_path / "seed1", None, None, False, None)
+    flag = "--trainer.check_val_every_n_epoch"
+    assert int(words[words.index(flag) + 1] if flag in words else 1) == interval
+    if interval > 1:  # as many validations (so as much patience) as a full-data run may make
+        assert int(words[words.index("--trainer.max_epochs") + 1]) == transfer.MAX_EPOCHS * interval
+    quick = arm_command(ARM["scratch_inductive"], "office", regime, 1, tmp_path / "seed1", None, None, True, None)
+    assert int(quick[quick.index("--trainer.max_epochs") + 1]) == transfer.QUICK_EPOCHS * interval
+    zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", False, None)
+    assert "--trainer.check_val_every_n_epoch" not in zero_shot

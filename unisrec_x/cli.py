@@ -18,6 +18,7 @@ from unisrec_x.lit.initial import InitialWeights, tested_checkpoint
 from unisrec_x.lit.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
+PATIENCE = 10
 #: Blocks above this are mmapped and returned to the system when freed (allocator.py; benchmarks/README.md, "Peak memory").
 MMAP_THRESHOLD = 32 << 20
 
@@ -63,6 +64,9 @@ class UniSRecCLI(LightningCLI):
         parser.add_argument("--select_initial", type=bool, default=False,
                             help="keep the weights fit starts from (untrained or pretrained) as a candidate: "
                             "validated once after fit, tested when no epoch beat them (lit/initial.py)")
+        parser.add_argument("--patience", type=int, default=PATIENCE,
+                            help="validations without a better val/ndcg@10 before early stopping; few-shot runs take "
+                            "few steps per epoch, so a model whose score dips before it climbs may need more")
 
     def _parse_ckpt_path(self) -> None:
         """Open ``--ckpt_path`` through our reader first: a missing, truncated or code-carrying file
@@ -74,6 +78,12 @@ class UniSRecCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        patience = self.config.fit.get("patience", PATIENCE)
+        if patience < 1:
+            raise ValueError(f"--patience must be at least 1, got {patience}")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EarlyStopping):
+                callback.patience = patience
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 
@@ -93,7 +103,7 @@ def trainer_defaults(trim_heap: bool = False) -> dict:
         "default_root_dir": "runs",
         "use_distributed_sampler": False,  # the DataModule shards its own length-bucketed batches
         "callbacks": [
-            EarlyStopping(monitor=MONITOR, mode="max", patience=10),
+            EarlyStopping(monitor=MONITOR, mode="max", patience=PATIENCE),
             ResumingModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
             TestMetricsWriter(),
             RNGStateCheckpoint(),
