@@ -143,5 +143,16 @@ def test_patience_sets_early_stopping_and_must_be_positive(slice_env):
     main(["fit", "-c", config, *SLICE, "--trainer.max_epochs", "10", "--patience", "2", "--optimizer.init_args.lr", "0",
           "--trainer.logger.init_args.save_dir", str(runs)])
     assert json.loads(next(runs.rglob("test_metrics.json")).read_text())["epochs_trained"] == 3
-    with pytest.raises(ValueError, match="--patience must be at least 1, got 0"):
+    with pytest.raises(SystemExit):
         main(["fit", "-c", config, *SLICE, "--patience", "0", "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])
+
+
+def test_a_resumed_run_keeps_the_patience_it_is_given():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from unisrec_x.cli import FlagPatience
+
+    saved = EarlyStopping(monitor="val/ndcg@10", mode="max", patience=10).state_dict()
+    resumed = FlagPatience(monitor="val/ndcg@10", mode="max", patience=40)
+    resumed.load_state_dict({**saved, "wait_count": 7})
+    assert resumed.patience == 40 and resumed.wait_count == 7

@@ -123,5 +123,5 @@ def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path
         assert int(words[words.index("--trainer.max_epochs") + 1]) == transfer.MAX_EPOCHS * interval
     quick = arm_command(ARM["scratch_inductive"], "office", regime, 1, tmp_path / "seed1", None, None, True, None)
     assert int(quick[quick.index("--trainer.max_epochs") + 1]) == transfer.QUICK_EPOCHS * interval
-    zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", False, None)
-    assert "--trainer.check_val_every_n_epoch" not in zero_shot
+    zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", True, None)
+    assert zero_shot[1] == "test" and "--trainer.max_epochs" not in zero_shot and "--data.max_users" in zero_shot

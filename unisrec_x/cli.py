@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Optional
+
+from jsonargparse.typing import PositiveInt
 
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -53,6 +56,14 @@ DESCRIPTION = ("unisrec-x: train (fit; pretraining is `fit -c configs/pretrain/.
                "LightningCLI. Other commands, each with --help: " + ", ".join(COMMANDS) + ".")
 
 
+class FlagPatience(EarlyStopping):
+    """The default early stopping, whose patience is the run's ``--patience`` also when it resumes
+    (EarlyStopping's own state would restore the checkpoint's)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "patience": self.patience})
+
+
 class UniSRecCLI(LightningCLI):
     """Links ``num_items``/``feature_dim`` from the data, and tests the best checkpoint after ``fit``."""
 
@@ -64,9 +75,10 @@ class UniSRecCLI(LightningCLI):
         parser.add_argument("--select_initial", type=bool, default=False,
                             help="keep the weights fit starts from (untrained or pretrained) as a candidate: "
                             "validated once after fit, tested when no epoch beat them (lit/initial.py)")
-        parser.add_argument("--patience", type=int, default=PATIENCE,
-                            help="validations without a better val/ndcg@10 before early stopping; few-shot runs take "
-                            "few steps per epoch, so a model whose score dips before it climbs may need more")
+        parser.add_argument("--patience", type=Optional[PositiveInt], default=None,
+                            help=f"fit only: validations without a better {MONITOR} before early stopping (default "
+                            f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
+                            "it climbs may need more")
 
     def _parse_ckpt_path(self) -> None:
         """Open ``--ckpt_path`` through our reader first: a missing, truncated or code-carrying file
@@ -78,12 +90,10 @@ class UniSRecCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
-        patience = self.config.fit.get("patience", PATIENCE)
-        if patience < 1:
-            raise ValueError(f"--patience must be at least 1, got {patience}")
+        patience = self.config.fit.get("patience")
         for callback in self.trainer.callbacks:
-            if isinstance(callback, EarlyStopping):
-                callback.patience = patience
+            if patience is not None and isinstance(callback, FlagPatience):  # callbacks a YAML adds keep theirs
+                callback.patience = int(patience)  # a plain int: checkpoints load with weights_only
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 
@@ -103,7 +113,7 @@ def trainer_defaults(trim_heap: bool = False) -> dict:
         "default_root_dir": "runs",
         "use_distributed_sampler": False,  # the DataModule shards its own length-bucketed batches
         "callbacks": [
-            EarlyStopping(monitor=MONITOR, mode="max", patience=PATIENCE),
+            FlagPatience(monitor=MONITOR, mode="max", patience=PATIENCE),
             ResumingModelCheckpoint(monitor=MONITOR, mode="max", filename="best-{epoch}", save_last=True),
             TestMetricsWriter(),
             RNGStateCheckpoint(),

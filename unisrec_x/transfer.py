@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
     parser.add_argument("--full_seeds", type=int, nargs="+", default=[1], help="seeds of the 100%% regime")
-    parser.add_argument("--quick", action="store_true", help="a small real run: 1,500 users per source, 2,000 of the target, 4 epochs, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="a small real run: 1,500 users per source, 2,000 of the target, 4 validations per fit, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once")
     parser.add_argument("--threads", type=int, help="torch threads per arm (default: cores / jobs)")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
