@@ -7,7 +7,6 @@ import sys
 from typing import Optional
 
 from jsonargparse.typing import PositiveInt
-
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -91,9 +90,10 @@ class UniSRecCLI(LightningCLI):
 
     def before_fit(self) -> None:
         patience = self.config.fit.get("patience")
-        for callback in self.trainer.callbacks:
-            if patience is not None and isinstance(callback, FlagPatience):  # callbacks a YAML adds keep theirs
-                callback.patience = int(patience)  # a plain int: checkpoints load with weights_only
+        if patience is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, FlagPatience):  # an EarlyStopping a YAML adds keeps its own
+                    callback.patience = int(patience)  # a plain int: checkpoints load with weights_only
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 

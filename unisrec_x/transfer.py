@@ -116,7 +116,7 @@ def validation_interval(regime: str) -> int:
     score peaks at the text geometry they start from and dips before it climbs, stopped there.
     """
     share = REGIMES[regime]
-    return max(1, round(1 / share)) if 0 < share < 1 else 1
+    return round(1 / share) if share > 0 else 1
 
 
 def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
@@ -128,14 +128,14 @@ def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, us
            "--trainer.enable_progress_bar", "false"]
     if users is not None:
         cmd += ["--data.train_users", str(users)]
-    interval = validation_interval(regime) if arm.kind == "fit" else 1
-    if interval > 1:  # the same number of validations (and patience) as a full-data run may make
-        cmd += ["--trainer.check_val_every_n_epoch", str(interval)]
-        if not quick:
-            cmd += ["--trainer.max_epochs", str(MAX_EPOCHS * interval)]
+    if arm.kind == "fit":
+        interval = validation_interval(regime)
+        if interval > 1:
+            cmd += ["--trainer.check_val_every_n_epoch", str(interval)]
+        if quick or interval > 1:  # as many validations (so as much patience) as a full-data run may make
+            cmd += ["--trainer.max_epochs", str((QUICK_EPOCHS if quick else MAX_EPOCHS) * interval)]
     if quick:
-        cmd += (["--trainer.max_epochs", str(QUICK_EPOCHS * interval)] if arm.kind == "fit" else []) + \
-            ["--data.max_users", str(QUICK_USERS)]
+        cmd += ["--data.max_users", str(QUICK_USERS)]
     if data_root:
         cmd += ["--data.data_root", data_root]
     return cmd
