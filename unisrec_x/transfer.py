@@ -44,7 +44,7 @@ QUICK_PRETRAIN_ARGS = ["--trainer.max_epochs", "1", "--trainer.max_steps", "40",
 QUICK_USERS = 2000
 #: the CLI's default max_epochs (cli.trainer_defaults), stretched by the validation interval in few-shot regimes
 MAX_EPOCHS = 300
-QUICK_EPOCHS = 4  # validations of a --quick fit (its epochs are this times the regime's validation interval)
+QUICK_EPOCHS = 3  # validations of a --quick fit (its epochs are this times the regime's validation interval)
 #: --quick (the README's main job): one target and three regimes, so it finishes in minutes on 2 cores
 QUICK_TARGETS, QUICK_REGIMES = ["scientific/Scientific"], ["zero-shot", "20%", "100%"]
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
     parser.add_argument("--full_seeds", type=int, nargs="+", default=[1], help="seeds of the 100%% regime")
-    parser.add_argument("--quick", action="store_true", help="a small real run: 1,500 users per source, 2,000 of the target, 4 validations per fit, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="a small real run: 1,500 users per source, 2,000 of the target, 3 validations per fit, 1 seed")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once")
     parser.add_argument("--threads", type=int, help="torch threads per arm (default: cores / jobs)")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
