@@ -3,7 +3,7 @@
     unisrec-x experiment transfer [--targets scientific/Scientific office] [--regimes zero-shot 5% 20% 100%]
 
 Regimes: ``zero-shot`` (no target training), few-shot with a fixed share of the target's users
-training (``5%``, ``20%``: one recorded sample, ``users-5%.txt``, the same for every arm and seed;
+training (``5%``, ``20%``: one recorded sample, ``users-5pct.txt``, the same for every arm and seed;
 validation and test on all users), ``100%``. Slices: all test rows, and ``long-tail``: rows whose
 target item is a training target at most 5 times in the data that regime used (zero-shot: the full
 training split). Every finished arm writes one small JSON under ``results/transfer/`` keyed by its
