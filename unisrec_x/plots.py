@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def palette() -> list:
+    """20 distinct colours, tab20's dark shades first and then its light ones: the transfer plot has
+    11 arms, more than matplotlib's default 10-colour cycle, which would repeat the first colour."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    return list(tab20[0::2]) + list(tab20[1::2])
+
+
 def new_axes():
-    """A figure and axes on the Agg backend (no display needed)."""
+    """A figure and axes on the Agg backend (no display needed), cycling through ``palette()``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=palette())
+    return fig, ax
 
 
 def save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:

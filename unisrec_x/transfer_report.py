@@ -71,11 +71,9 @@ def plot(rows: list[dict], arms: Sequence, shares: Mapping[str, float], target: 
     """N@10 against the share of target training data, one line per arm, seeds' std as error bars."""
     from unisrec_x import plots
 
-    import matplotlib
-
-    # 11 arms outrun the default 10-colour cycle: tab20's dark shades first, then its light ones;
-    # pretrained arms get square markers so the pairs (scratch vs pretrained) read apart.
-    palette = matplotlib.colormaps["tab20"].colors
+    # a colour per arm by its place in ``arms``, so an arm looks the same in every target's plot even
+    # where some arms have no rows; square markers set the pretrained arms apart from their scratch twins
+    colours = plots.palette()
     fig, ax = plots.new_axes()
     for i, arm in enumerate(arms):
         mine = sorted((shares[r["regime"]], r) for r in rows
@@ -84,7 +82,7 @@ def plot(rows: list[dict], arms: Sequence, shares: Mapping[str, float], target: 
             continue
         ax.errorbar([x * 100 for x, _ in mine], [r["ndcg@10_mean"] for _, r in mine],
                     yerr=[r["ndcg@10_std"] for _, r in mine], capsize=3, label=arm.label,
-                    color=palette[(2 * i) % 20 + (2 * i) // 20], marker="s" if arm.name.startswith("pretrained") else "o",
+                    color=colours[i % len(colours)], marker="s" if arm.pretrained else "o",
                     linestyle="-" if arm.kind in ("fit", "test") else "--")
     ax.set_xscale("symlog", linthresh=5)
     ax.set_xticks([0, 5, 20, 100], ["0 (zero-shot)", "5%", "20%", "100%"])
