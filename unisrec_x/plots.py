@@ -1,4 +1,4 @@
-"""The one way result plots are drawn and saved (headless, same size, grid and legend everywhere)."""
+"""The one way result plots are drawn and saved (headless, same axes size, grid, legend beside the axes)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    # beside the axes, not on them: with a dozen arms an inside legend hides the lines it names
+    # and the saved image grows to hold it (bbox_inches), so the axes keep their size
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
