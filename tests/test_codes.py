@@ -155,3 +155,44 @@ def test_a_resumed_fit_saves_the_codes_it_loaded_not_a_refit(features, tmp_path)
     with pytest.raises(ValueError, match="do not fit this model"):
         module.on_load_checkpoint({"state_dict": {}, "item_codes": wrong})
 
+
+
+def test_memory_dropout_drops_whole_id_rows_or_code_digits_while_training_only_and_memory_scale_multiplies():
+    torch.manual_seed(0)
+    digits, items = 7, 400
+    codes = torch.randint(0, 4, (items + 1, digits + 1))
+    net = UniSRec(num_items=items, plm_dim=4, hidden_dim=digits + 1, n_layers=1, n_heads=1, use_text=False,
+                  use_codes=True, code_digits=digits, codes_per_digit=4, memory_dropout=0.5)
+    net.set_item_codes(codes)
+    with torch.no_grad():  # digit k's embeddings are the unit vector e_k: a vector shows which digits it kept
+        net.code_embedding.weight.copy_(torch.eye(digits + 1).repeat_interleave(4, dim=0))
+        assert torch.allclose(net.eval().item_table(), torch.full((items + 1, digits + 1), 1 / (digits + 1)))
+        table = net.train().item_table()
+    kept = table > 0
+    assert kept.any(1).all()  # never an empty mean
+    torch.testing.assert_close(table, kept.float() / kept.sum(1, keepdim=True))
+    assert 0.4 < kept.float().mean() < 0.6
+    with pytest.raises(ValueError, match="memory_dropout"):
+        UniSRec(use_codes=True, memory_dropout=1.0)
+
+    net = UniSRec(num_items=items, plm_dim=4, hidden_dim=8, n_layers=1, use_text=False, use_item_id=True,
+                  similarity="dot", memory_dropout=0.25)
+    with torch.no_grad():
+        full = net.eval().item_table()
+        table = net.train().item_table()
+    dropped = (table == 0).all(1)
+    assert 0.15 < dropped[1:].float().mean() < 0.35
+    torch.testing.assert_close(table[~dropped], full[~dropped] / 0.75)  # inverted dropout keeps the expectation
+
+    for use_codes in (False, True):  # memory_scale multiplies the ID or code part, not the text part
+        nets = [UniSRec(num_items=items, plm_dim=4, hidden_dim=digits + 1, n_layers=1, n_heads=1, use_item_id=not use_codes,
+                        use_codes=use_codes, code_digits=digits, codes_per_digit=4, memory_scale=scale).eval()
+                for scale in (1.0, 3.0)]
+        nets[1].load_state_dict(nets[0].state_dict())
+        tables = []
+        for net in nets:
+            net.set_item_features(torch.randn(items + 1, 4, generator=torch.Generator().manual_seed(1)))
+            net.set_item_codes(codes)
+            with torch.no_grad():
+                tables.append(net.item_table() - net.adapter(net.item_features))
+        torch.testing.assert_close(tables[1], 3 * tables[0])

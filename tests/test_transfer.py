@@ -125,3 +125,22 @@ def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path
     assert int(quick[quick.index("--trainer.max_epochs") + 1]) == transfer.QUICK_EPOCHS * interval
     zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", True, None)
     assert zero_shot[1] == "test" and "--trainer.max_epochs" not in zero_shot and "--data.max_users" in zero_shot
+
+
+def test_every_trained_arms_command_parses(tmp_path, capsys):
+    """A misspelt argument in an arm would only surface hours into a benchmark run."""
+    from unisrec_x.cli import main
+
+    for arm in ARMS:
+        if arm.kind not in ("fit", "test"):
+            continue
+        regime = "zero-shot" if arm.kind == "test" else arm.regimes[0]
+        cmd = arm_command(arm, "scientific/Scientific", regime, 1, tmp_path / arm.name, None, "w.pt", False, None)
+        with pytest.raises(SystemExit) as exit_:
+            main([*cmd[1:], "--print_config"])
+        assert exit_.value.code in (None, 0), arm.name
+        printed = capsys.readouterr().out
+        assert "use_text:" in printed and "memory_dropout:" in printed, arm.name
+        for flag, value in zip(cmd, cmd[1:]):
+            if flag.endswith("memory_dropout"):
+                assert f"memory_dropout: {value}" in printed, arm.name

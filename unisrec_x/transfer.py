@@ -88,6 +88,14 @@ ARMS = [
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true", *_PRE],
         pretrained=True, in_quick=False),
+    # issue 14 at 5%: both memories (ID rows, code digits) with the memory dropout that validation chose
+    # for each on Scientific 5%, seed 1, from the same grid (docs/results.md, semantic item IDs)
+    Arm("scratch_transductive_md", "Scratch, text + ID, memory dropout 0.75",
+        ["-c", "configs/scientific/unisrec_transductive.yaml", *TEXT_MODEL,
+         "--model.init_args.net.init_args.memory_dropout", "0.75"], regimes=("5%",), in_quick=False),
+    Arm("scratch_text_codes_md", "Scratch, text + codes, memory dropout 0.75",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL,
+         "--model.init_args.net.init_args.memory_dropout", "0.75"], regimes=("5%",), in_quick=False),
 ]
 
 

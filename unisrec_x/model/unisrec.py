@@ -27,7 +27,8 @@ class UniSRec(nn.Module):
                  max_seq_len: int = 50, n_experts: int = 8, adapter_dropout: float = 0.2, gate_noise: bool = True,
                  use_text: bool = True, use_item_id: bool = False, similarity: Similarity = "cosine",
                  temperature: float = 0.07, last_item_residual: bool = False, use_codes: bool = False,
-                 code_digits: int = 32, codes_per_digit: int = 256) -> None:
+                 code_digits: int = 32, codes_per_digit: int = 256, memory_dropout: float = 0.0,
+                 memory_scale: float = 1.0) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -54,6 +55,14 @@ class UniSRec(nn.Module):
             code_digits: digits per item code (one embedding table each, plus one for the digit that
                 tells apart items with identical codes).
             codes_per_digit: codes per digit (rows of each table).
+            memory_dropout: while training, the share of item memory dropped: an item's whole ID
+                embedding (its vector keeps the text part), or single digits of its code (the mean
+                runs over the digits kept). Rare items' memory gets few updates and then overfits;
+                dropping it makes the model lean on what similar items share (text, common codes).
+            memory_scale: factor on the item memory (ID embedding or code mean) in the item vector.
+                Under Adam this multiplies that table's step size and initial spread alike: a
+                few-shot fit peaks after a few dozen steps, too few for embeddings that start
+                near zero to move far at the shared learning rate.
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -76,10 +85,15 @@ class UniSRec(nn.Module):
             raise ValueError("last_item_residual adds unit vectors, which fits cosine scoring only: set similarity='cosine'")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if not 0.0 <= memory_dropout < 1.0:
+            raise ValueError(f"memory_dropout must lie in [0, 1), got {memory_dropout}")
+        if memory_scale <= 0:
+            raise ValueError(f"memory_scale must be positive, got {memory_scale}")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
         self.use_text, self.use_item_id, self.use_codes = use_text, use_item_id, use_codes
         self.code_digits, self.codes_per_digit = code_digits, codes_per_digit
         self.similarity, self.temperature = similarity, temperature
+        self.memory_dropout, self.memory_scale = memory_dropout, memory_scale
         self.adapter = MoEAdapter(plm_dim, hidden_dim, n_experts, adapter_dropout, gate_noise) if use_text else None
         self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
         if self.item_embedding is not None:
@@ -159,6 +173,9 @@ class UniSRec(nn.Module):
             vectors = self.adapter(self.item_features if ids is None else self.item_features[ids])
         if self.item_embedding is not None:
             ids_part = self.item_embedding.weight if ids is None else self.item_embedding(ids)
+            if self.training and self.memory_dropout > 0:  # whole rows: an item keeps all of its ID or none
+                ids_part = F.dropout(ids_part.new_ones(*ids_part.shape[:-1], 1), self.memory_dropout) * ids_part
+            ids_part = ids_part * self.memory_scale if self.memory_scale != 1 else ids_part
             vectors = ids_part if vectors is None else vectors + ids_part
         if self.code_embedding is not None:
             if self.item_codes.shape[0] == 0:
@@ -168,10 +185,18 @@ class UniSRec(nn.Module):
         return vectors
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code tuples (..., digits + 1) -> the mean of their code embeddings (..., D), as an embedding bag:
+        """Code tuples (..., digits + 1) -> the mean of their code embeddings (..., D) times ``memory_scale``, as an embedding bag:
         never holds the (..., digits + 1, D) lookups (2.6 GB for a 65,536-item chunk at 32 digits)."""
         rows = (codes + self.code_offsets).reshape(-1, codes.shape[-1])
-        return F.embedding_bag(rows, self.code_embedding.weight, mode="mean").reshape(*codes.shape[:-1], -1)
+        if self.training and self.memory_dropout > 0:
+            keep = torch.rand(rows.shape, device=rows.device) >= self.memory_dropout
+            keep[:, 0] |= ~keep.any(dim=1)  # the mean of no digits is undefined: keep the first
+            means = F.embedding_bag(rows, self.code_embedding.weight, mode="sum",
+                                    per_sample_weights=keep.float() / keep.sum(dim=1, keepdim=True))
+        else:
+            means = F.embedding_bag(rows, self.code_embedding.weight, mode="mean")
+        means = means * self.memory_scale if self.memory_scale != 1 else means
+        return means.reshape(*codes.shape[:-1], -1)
 
     def new_item_vectors(self, features: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
         """Vectors of items outside the tables (``Recommender.add_items``), from text vectors (n, plm_dim)
