@@ -156,7 +156,6 @@ def test_a_resumed_fit_saves_the_codes_it_loaded_not_a_refit(features, tmp_path)
         module.on_load_checkpoint({"state_dict": {}, "item_codes": wrong})
 
 
-
 def test_memory_dropout_drops_whole_id_rows_or_code_digits_while_training_only_and_memory_scale_multiplies():
     torch.manual_seed(0)
     digits, items = 7, 400

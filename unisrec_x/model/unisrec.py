@@ -185,8 +185,9 @@ class UniSRec(nn.Module):
         return vectors
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code tuples (..., digits + 1) -> the mean of their code embeddings (..., D) times ``memory_scale``, as an embedding bag:
-        never holds the (..., digits + 1, D) lookups (2.6 GB for a 65,536-item chunk at 32 digits)."""
+        """Code tuples (..., digits + 1) -> the mean of their code embeddings times ``memory_scale`` (..., D),
+        as an embedding bag: never holds the (..., digits + 1, D) lookups (2.6 GB for a 65,536-item chunk
+        at 32 digits)."""
         rows = (codes + self.code_offsets).reshape(-1, codes.shape[-1])
         if self.training and self.memory_dropout > 0:
             keep = torch.rand(rows.shape, device=rows.device) >= self.memory_dropout
