@@ -70,7 +70,7 @@ def write_results(name: str, figures: dict, command: str) -> Path:
 
 def data_root(override: str | None = None) -> Path:
     """The data root as the library resolves it (flag, then $UNISREC_X_DATA_ROOT, then ../shared/data)."""
-    from unisrec_x.paths import data_root as resolve
+    from unisrec_x.runtime.paths import data_root as resolve
 
     return Path(resolve(override)).resolve()
 
@@ -99,7 +99,7 @@ def quiet() -> None:
 def start(parser):
     """Parse the flags, set the thread count for every side, silence library warnings, and run malloc
     as ``unisrec-x`` does (a fixed mmap threshold, unless ``UNISREC_X_MALLOC=default``), for every side."""
-    from unisrec_x.allocator import fix_mmap_threshold
+    from unisrec_x.runtime.allocator import fix_mmap_threshold
     from unisrec_x.cli import MMAP_THRESHOLD
 
     args = parser.parse_args()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from unisrec_x.data.datamodule import SeqRecDataModule
-from unisrec_x.lit.heap import GrowthTrim
-from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.training.heap import GrowthTrim
+from unisrec_x.training.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
 #: The two arms compared with RecBole: ID-only SASRec (same model as the peer) and UniSRec transductive.

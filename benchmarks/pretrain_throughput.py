@@ -22,7 +22,7 @@ import common
 import torch
 
 from unisrec_x.data.datamodule import SeqRecDataModule
-from unisrec_x.lit.pretrain import PretrainModule
+from unisrec_x.training.pretrain import PretrainModule
 from unisrec_x.model.unisrec import UniSRec
 
 SOURCES = ["games", "toys"]

@@ -59,7 +59,7 @@ def run_one(n_items: int, n_users: int, loss: str, items_as: str, data_root: str
     from torch.utils.data import DataLoader
 
     from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
-    from unisrec_x.lit.module import SeqRecModule
+    from unisrec_x.training.module import SeqRecModule
     from unisrec_x.model.unisrec import UniSRec
 
     torch.set_num_threads(threads)
@@ -74,7 +74,7 @@ def run_one(n_items: int, n_users: int, loss: str, items_as: str, data_root: str
     if use_codes:
         import tempfile
 
-        from unisrec_x.codes import CodeSettings, item_codes
+        from unisrec_x.items.codes import CodeSettings, item_codes
 
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as cache:

@@ -26,10 +26,10 @@ import common
 import numpy as np
 import torch
 
-from unisrec_x.baselines import text_knn
+from unisrec_x.evaluation.baselines import text_knn
 from unisrec_x.data.domain import load_domain
 from unisrec_x.data.sequences import SequenceExamples
-from unisrec_x.text.encoder import PACKAGED_ENCODER, TextEncoder
+from unisrec_x.items.encoder import PACKAGED_ENCODER, TextEncoder
 
 
 def encode_ours(encoder: TextEncoder, texts: list[str]) -> np.ndarray:

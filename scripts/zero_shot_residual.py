@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
-from unisrec_x.baselines import text_knn
+from unisrec_x.evaluation.baselines import text_knn
 from unisrec_x.data.datamodule import SeqRecDataModule
-from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.training.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
 

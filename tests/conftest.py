@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unisrec_x.paths import data_root
+from unisrec_x.runtime.paths import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from unisrec_x.text.encoder import PACKAGED_ENCODER, resolve_encoder
+    from unisrec_x.items.encoder import PACKAGED_ENCODER, resolve_encoder
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(PACKAGED_ENCODER))

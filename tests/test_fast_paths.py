@@ -13,13 +13,13 @@ import torch
 from tests.conftest import assert_close_f32
 from unisrec_x.data.positions import PositionExamples
 from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
-from unisrec_x.lit.module import SeqRecModule
-from unisrec_x.lit.pretrain import PretrainModule
-from unisrec_x.losses import chunked_next_item_loss, info_nce, next_item_loss
-from unisrec_x.metrics import RankingMetrics, target_ranks
+from unisrec_x.training.module import SeqRecModule
+from unisrec_x.training.pretrain import PretrainModule
+from unisrec_x.objectives.losses import chunked_next_item_loss, info_nce, next_item_loss
+from unisrec_x.evaluation.metrics import RankingMetrics, target_ranks
 from unisrec_x.model.unisrec import UniSRec
-from unisrec_x.ranking import chunked_target_ranks, chunked_topk
-from unisrec_x.sampled_softmax import NegativeSampler, sampled_softmax_loss
+from unisrec_x.evaluation.ranking import chunked_target_ranks, chunked_topk
+from unisrec_x.objectives.sampled_softmax import NegativeSampler, sampled_softmax_loss
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ import torch
 
 from unisrec_x.cli import main
 from unisrec_x.data.sequences import SeqBatch
-from unisrec_x.lit.guards import NonFiniteLossError
-from unisrec_x.lit.module import SeqRecModule
+from unisrec_x.training.guards import NonFiniteLossError
+from unisrec_x.training.module import SeqRecModule
 from unisrec_x.model.unisrec import UniSRec
 
 REPO = Path(__file__).resolve().parents[1]

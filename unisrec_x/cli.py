@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Optional
@@ -10,14 +11,14 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from unisrec_x.allocator import fix_mmap_threshold
+from unisrec_x.runtime.allocator import fix_mmap_threshold
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
-from unisrec_x.lit.checkpoint import read_state_dict
-from unisrec_x.lit.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
-from unisrec_x.lit.heap import HeapTrim
-from unisrec_x.lit.initial import InitialWeights, tested_checkpoint
-from unisrec_x.lit.results import TestMetricsWriter
+from unisrec_x.training.checkpoint import read_state_dict
+from unisrec_x.training.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
+from unisrec_x.training.heap import HeapTrim
+from unisrec_x.training.initial import InitialWeights, tested_checkpoint
+from unisrec_x.training.results import TestMetricsWriter
 
 MONITOR = "val/ndcg@10"
 PATIENCE = 10
@@ -26,7 +27,14 @@ MMAP_THRESHOLD = 32 << 20
 
 
 def _experiment():
-    from unisrec_x.experiment import main as run
+    def run(words: list[str]) -> None:
+        if words[:1] == ["transfer"]:
+            from unisrec_x.experiments.transfer import main as transfer
+
+            return transfer(words[1:])
+        from unisrec_x.experiments.foundation import main as foundation
+
+        return foundation(words)
 
     return run
 
@@ -53,6 +61,17 @@ COMMANDS = {"experiment": _experiment, "prepare": _prepare,
 
 DESCRIPTION = ("unisrec-x: train (fit; pretraining is `fit -c configs/pretrain/...`), validate and test with "
                "LightningCLI. Other commands, each with --help: " + ", ".join(COMMANDS) + ".")
+
+
+#: Modules that moved in the layout of issue 27 (``lit/`` became ``training/``): configs written before
+#: it name their classes by the old paths, which resolve to the same classes.
+RENAMED_MODULES = {"unisrec_x.lit": "unisrec_x.training", "unisrec_x.lit.module": "unisrec_x.training.module",
+                   "unisrec_x.lit.pretrain": "unisrec_x.training.pretrain"}
+
+
+def alias_renamed_modules() -> None:
+    for old, new in RENAMED_MODULES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
 
 
 class FlagPatience(EarlyStopping):
@@ -128,6 +147,7 @@ def main(args: list[str] | None = None) -> None:
     words = sys.argv[1:] if args is None else args
     if words and words[0] in COMMANDS:
         return COMMANDS[words[0]]()(words[1:])
+    alias_renamed_modules()
     fixed = fix_mmap_threshold(MMAP_THRESHOLD)
     try:
         UniSRecCLI(datamodule_class=SeqRecDataModule, subclass_mode_model=True, trainer_defaults=trainer_defaults(fixed),

@@ -194,7 +194,7 @@ def test_cli_prints_one_line_and_exits_2(model, capsys):
 
 def _code_recommender(tmp_path, use_text: bool = True, digits: int = 2, seed: int = 0) -> Recommender:
     """A tiny code model (40 items, 8-d text vectors, PQ codes of ``digits`` x 4), text + codes or codes only."""
-    from unisrec_x.codes import CodeSettings, item_codes
+    from unisrec_x.items.codes import CodeSettings, item_codes
 
     torch.manual_seed(0)
     features = torch.randn(41, 8)
@@ -244,7 +244,7 @@ def test_a_quantizer_of_another_model_is_refused(tmp_path):
         Recommender.from_checkpoint(model)
     assert "quantizer.faiss" in str(err.value)
     # same sizes, but fitted on other vectors: it does not give these items their codes
-    from unisrec_x.codes import CodeSettings, ItemQuantizer
+    from unisrec_x.items.codes import CodeSettings, ItemQuantizer
 
     other_features = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
     foreign = ItemQuantizer.fit(other_features * 5 + 3, CodeSettings("pq", digits=2, codes_per_digit=4))

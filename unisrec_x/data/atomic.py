@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from unisrec_x.errors import DataError
-from unisrec_x.paths import atomic_write_bytes
+from unisrec_x.runtime.paths import atomic_write_bytes
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 

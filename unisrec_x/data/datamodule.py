@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from unisrec_x.codes import CodeMethod, CodeSettings, ItemCodes, item_codes
+from unisrec_x.items.codes import CodeMethod, CodeSettings, ItemCodes, item_codes
 from unisrec_x.data.augment import drop_words
 from unisrec_x.data.domain import MissingText, first_users, load_domain, without_items
 from unisrec_x.data.interactions import Duplicates
@@ -22,9 +22,9 @@ from unisrec_x.data.positions import PositionExamples, TrainingExamples
 from unisrec_x.data.prepare import SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
 from unisrec_x.errors import DataError
-from unisrec_x.paths import resolve_data_path
-from unisrec_x.text.cache import FeatureCache
-from unisrec_x.text.encoder import PACKAGED_ENCODER, Pooling, Precision, encoder_dim
+from unisrec_x.runtime.paths import resolve_data_path
+from unisrec_x.items.feature_cache import FeatureCache
+from unisrec_x.items.encoder import PACKAGED_ENCODER, Pooling, Precision, encoder_dim
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                 examples (few-shot regimes); every user is still validated and tested, and every
                 history is still read as input. Default: all users train.
             code_method: for models with item codes (``use_codes``): ``opq`` (VQ-Rec), ``pq`` or ``rq``
-                (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.codes``).
+                (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.items.codes``).
         """
         super().__init__()
         self.save_hyperparameters()

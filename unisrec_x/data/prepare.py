@@ -13,7 +13,7 @@ from typing import Callable
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.data.text import clean_text
 from unisrec_x.errors import DataError
-from unisrec_x.paths import cache_dir, data_root
+from unisrec_x.runtime.paths import cache_dir, data_root
 
 log = logging.getLogger(__name__)
 

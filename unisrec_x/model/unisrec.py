@@ -51,7 +51,7 @@ class UniSRec(nn.Module):
                 output, with a learned weight (``SequenceEncoder``); cosine similarity only. Keeps
                 zero-shot transfer at least near the text-kNN baseline (docs/results.md).
             use_codes: item vectors include the mean of the item's code embeddings (semantic IDs,
-                ``unisrec_x.codes``): ``codes`` alone, or ``text+codes`` with ``use_text``.
+                ``unisrec_x.items.codes``): ``codes`` alone, or ``text+codes`` with ``use_text``.
             code_digits: digits per item code (one embedding table each, plus one for the digit that
                 tells apart items with identical codes).
             codes_per_digit: codes per digit (rows of each table).
@@ -211,6 +211,30 @@ class UniSRec(nn.Module):
             codes_part = self.code_vectors(codes.to(self._device, torch.long))
             vectors = codes_part if vectors is None else vectors + codes_part
         return vectors
+
+    def grow(self, features: torch.Tensor | None, codes: torch.Tensor | None, count: int) -> None:
+        """Append ``count`` items after the last one: their text vectors (count, plm_dim) and codes
+        (count, digits + 1) where the model uses them, and a zero ID row (a new item has no trained ID).
+
+        Everything is built before anything is assigned, so a failure leaves the model as it was.
+        """
+        if self.use_text and (features is None or features.shape != (count, self.plm_dim)):
+            raise ValueError(f"new items need text vectors of shape ({count}, {self.plm_dim})")
+        if self.use_codes and (codes is None or codes.shape != (count, self.code_offsets.shape[0])):
+            raise ValueError(f"new items need codes of shape ({count}, {self.code_offsets.shape[0]})")
+        item_features = (torch.cat([self.item_features, features.to(self.item_features)]) if self.use_text else None)
+        item_codes = torch.cat([self.item_codes, codes.to(self.item_codes)]) if self.use_codes else None
+        embedding = None
+        if self.item_embedding is not None:
+            weight = self.item_embedding.weight.detach()
+            embedding = nn.Embedding(len(weight) + count, weight.shape[1], padding_idx=0).to(weight)
+            embedding.weight.data = torch.cat([weight, weight.new_zeros(count, weight.shape[1])])
+        if item_features is not None:
+            self.item_features = item_features
+        if item_codes is not None:
+            self.item_codes = item_codes
+        if embedding is not None:
+            self.item_embedding, self.num_items = embedding, len(embedding.weight) - 1
 
     def encode_sequences(self, item_seq: torch.Tensor, seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """item_seq (B, L), seq_len (B,) -> sequence vectors (B, D)."""

@@ -69,7 +69,7 @@ def add_items(words: list[str]) -> int:
     def body(words: list[str]) -> None:
         from unisrec_x.data.atomic import read_atomic
         from unisrec_x.data.text import read_item_fields
-        from unisrec_x.outputs import check_output_path
+        from unisrec_x.runtime.outputs import check_output_path
         from unisrec_x.serving.model_dir import MODEL_DIR
 
         args = parser.parse_args(words)
@@ -95,7 +95,7 @@ def export(words: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing unisrec-x export")
 
     def body(words: list[str]) -> None:
-        from unisrec_x.outputs import check_output_path
+        from unisrec_x.runtime.outputs import check_output_path
         from unisrec_x.serving.export import EXPORT
 
         args = parser.parse_args(words)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unisrec_x.model.seq_encoder import SequenceEncoder
-from unisrec_x.outputs import OutputKind, atomic_directory
+from unisrec_x.runtime.outputs import OutputKind, atomic_directory
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender

@@ -22,18 +22,19 @@ import json
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from unisrec_x.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, checked_state, with_collision_digit
+from unisrec_x.items.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, checked_state, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError, first_line
-from unisrec_x.lit.checkpoint import net_state, read_checkpoint, read_state_dict
+from unisrec_x.items.encoder import TextSettings
+from unisrec_x.training.checkpoint import net_state, read_checkpoint, read_state_dict
 from unisrec_x.model.unisrec import UniSRec
-from unisrec_x.outputs import OutputKind, atomic_directory
-from unisrec_x.typed_args import checked_args, exact_keys, type_ok
+from unisrec_x.runtime.outputs import OutputKind, atomic_directory
+from unisrec_x.runtime.typed_args import checked_args, exact_keys, type_ok
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
@@ -53,9 +54,21 @@ def _hparams(checkpoint: dict, key: str, path: Path) -> dict:
     return {k: v for k, v in found.items() if not k.startswith("_")}
 
 
-def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None) -> "Recommender":
+class ModelParts(NamedTuple):
+    """What a ``Recommender`` is built from, as read from a checkpoint or a model directory."""
+
+    net: UniSRec
+    item_tokens: list[str]
+    item_texts: list[str]
+    item_features: torch.Tensor | None
+    text: TextSettings | None
+    aliases: dict[str, str]
+    item_codes: ItemCodes | None
+
+
+def load_checkpoint(path: Path, data_root: str | None) -> ModelParts:
+    """A Lightning checkpoint; its items and text vectors come from its dataset (data root, feature cache)."""
     from unisrec_x.data.datamodule import SeqRecDataModule
-    from unisrec_x.serving.recommender import TextSettings
 
     checkpoint = read_checkpoint(path)  # missing, truncated or code-carrying files fail here, named
     state = net_state(checkpoint, path)
@@ -79,7 +92,7 @@ def load_checkpoint(cls: type["Recommender"], path: Path, data_root: str | None)
                  else data.item_codes(net.code_digits, net.codes_per_digit))
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)
-    return cls(net, tokens, texts, features, text, aliases=_release_aliases(data, data_args), item_codes=codes)
+    return ModelParts(net, tokens, texts, features, text, _release_aliases(data, data_args), codes)
 
 
 def _release_aliases(data, data_args: dict) -> dict[str, str]:
@@ -117,9 +130,8 @@ MANIFEST_KEYS = ("format", "version", "net", "text", "items", "codes")  # exactl
 OPTIONAL_KEYS = ("codes",)  # absent in directories written before item codes existed
 
 
-def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
-    """A Recommender from a model directory; every file is checked, and a problem is a DataError naming it."""
-    from unisrec_x.serving.recommender import TextSettings
+def load_model_dir(directory: Path) -> ModelParts:
+    """A model directory's parts; every file is checked, and a problem is a DataError naming it."""
 
     manifest_path = directory / "model.json"
     manifest = _read_manifest(manifest_path, directory)
@@ -136,7 +148,7 @@ def load_model_dir(cls: type["Recommender"], directory: Path) -> "Recommender":
     codes = _read_codes(directory, manifest.get("codes"), net, len(tokens), features) if net.use_codes else None
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
-    return cls(net, tokens, texts, features, text, aliases=aliases, item_codes=codes)
+    return ModelParts(net, tokens, texts, features, text, aliases, codes)
 
 
 def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, features: torch.Tensor | None) -> ItemCodes:

@@ -15,12 +15,15 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from unisrec_x.codes import ItemCodes
+from unisrec_x.items.codes import ItemCodes
 from unisrec_x.data.text import clean_text
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
-from unisrec_x.ranking import DEFAULT_CHUNK, chunked_topk
-from unisrec_x.text.encoder import Precision
+from unisrec_x.evaluation.ranking import DEFAULT_CHUNK, chunked_topk
+from unisrec_x.items.encoder import TextSettings
+from unisrec_x.runtime.outputs import recover
+from unisrec_x.serving.export import export
+from unisrec_x.serving.model_dir import MODEL_DIR, load_checkpoint, load_model_dir, save_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +73,6 @@ class Recommendation(NamedTuple):
     score: float
     text: str
     alias: str = ""  # another name of the item (e.g. the ASIN behind a release's integer index), if known
-
-
-class TextSettings(NamedTuple):
-    """How item texts became vectors; new items must go through the same encoder."""
-
-    encoder: str
-    pooling: str = "cls"
-    max_tokens: int = 512
-    batch_size: int = 64
-    precision: Precision = "float32"  # the encoder's float32 or bfloat16 (TextEncoder)
 
 
 class Recommender:
@@ -141,12 +134,10 @@ class Recommender:
     def from_checkpoint(cls, path: str | Path, data_root: str | None = None) -> "Recommender":
         """Load a Lightning checkpoint (items and text vectors come from its dataset, via the data root
         and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``."""
-        from unisrec_x.outputs import recover
-        from unisrec_x.serving.model_dir import MODEL_DIR, load_checkpoint, load_model_dir
-
         path = Path(path)
         recover(path.absolute(), MODEL_DIR)  # a save killed mid-swap may have left the model beside its path
-        return load_model_dir(cls, path) if path.is_dir() else load_checkpoint(cls, path, data_root)
+        parts = load_model_dir(path) if path.is_dir() else load_checkpoint(path, data_root)
+        return cls(**parts._asdict())
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write a self-contained model directory (weights, items, text vectors), atomically.
@@ -154,8 +145,6 @@ class Recommender:
         A folder that is not a model directory written by unisrec-x is never replaced; an existing
         model directory only with ``overwrite=True``.
         """
-        from unisrec_x.serving.model_dir import save_model_dir
-
         return save_model_dir(self, directory, overwrite)
 
     def export(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -163,8 +152,6 @@ class Recommender:
 
         Refuses any existing folder but an export written by unisrec-x (replaced with ``overwrite=True``).
         """
-        from unisrec_x.serving.export import export
-
         return export(self, directory, overwrite)
 
     def history_ids(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -291,21 +278,12 @@ class Recommender:
             new_rows = torch.cat([net.new_item_vectors(features[start:start + chunk],
                                                        None if new_codes is None else new_codes[start:start + chunk])
                                   for start in range(0, len(features), chunk)])
-            item_features = torch.cat([net.item_features, features.to(net.item_features)]) if net.use_text else None
-            net_codes = None if new_codes is None else torch.cat([net.item_codes, new_codes.to(net.item_codes)])
             table = torch.cat([self.table, new_rows])
             candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
-        grown = None
-        if net.item_embedding is not None:  # a new item has no trained ID: its row is zero
-            weight = net.item_embedding.weight.detach()
-            grown = torch.nn.Embedding(len(weight) + len(tokens), weight.shape[1], padding_idx=0)
-            grown.weight.data = torch.cat([weight, torch.zeros(len(tokens), weight.shape[1])])
-        if item_features is not None:
-            net.item_features = item_features
-        if net_codes is not None:
-            net.item_codes, self.item_codes = net_codes, item_codes
-        if grown is not None:
-            net.item_embedding, net.num_items = grown, len(grown.weight) - 1
+        with torch.no_grad():  # not inference mode: a grown ID table stays trainable
+            net.grow(features if net.use_text else None, new_codes, len(tokens))
+        if item_codes is not None:
+            self.item_codes = item_codes
         self.table, self.candidates = table, candidates
         for token, text in zip(tokens, texts):
             self.item_tokens.append(token)
@@ -317,7 +295,7 @@ class Recommender:
         if self._text_encoder is None:
             if self.text is None:
                 raise DataError("this model does not record its text encoder, so new texts cannot be encoded")
-            from unisrec_x.text.encoder import TextEncoder
+            from unisrec_x.items.encoder import TextEncoder
 
             self._text_encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens,
                                              self.text.batch_size, self.text.precision)

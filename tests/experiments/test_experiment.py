@@ -1,0 +1,117 @@
+"""The experiment runner: finished arms are reused, changed ones re-run; tables summarise seeds."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from unisrec_x import experiment
+from unisrec_x.experiments.foundation import FOUNDATION, arm_command, markdown_table, run_arm, summarise
+
+
+def _finish(tmp_path, arm, seed, command, ndcg, defaults=experiment.DEFAULTS_VERSION):
+    run_dir = tmp_path / arm.name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / experiment.RUN_LOG).write_text("the finished run's log\n")
+    (run_dir / "finished.json").write_text(json.dumps({"command": shlex.join(command), "wall_s": 12.0,
+                                                       "defaults": defaults}))
+    metrics = {"recall@10": 0.1, "ndcg@10": ndcg, "recall@50": 0.2, "ndcg@50": 0.07}
+    (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "fit_seconds": 10.0, "epochs_trained": 4}))
+
+
+def test_finished_arm_is_reused_and_changed_command_reruns(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05)
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished arm"))
+    result = run_arm(arm, 1, tmp_path, False, None)
+    assert result["metrics"]["ndcg@10"] == 0.05 and result["wall_s"] == 12.0 and not calls
+
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+    with pytest.raises(RuntimeError, match="failed"):  # --quick changes the command: the old run is not reused
+        run_arm(arm, 1, tmp_path, True, None)
+    assert len(calls) == 1
+
+
+def test_a_run_made_under_older_defaults_is_not_reused(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05, defaults=experiment.DEFAULTS_VERSION - 1)
+
+    class Failed:
+        returncode = 3
+
+    calls = []
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+    with pytest.raises(RuntimeError, match="failed"):  # same command line, other defaults: trained again
+        run_arm(arm, 1, tmp_path, False, None)
+    assert len(calls) == 1
+
+
+def test_a_folder_the_runner_did_not_make_is_refused_untouched(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    run_dir = tmp_path / arm.name / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("a user's file")
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran into a foreign folder"))
+    with pytest.raises(FileExistsError, match="not made by unisrec-x experiment"):
+        run_arm(arm, 1, tmp_path, False, None)
+    assert (run_dir / "notes.txt").read_text() == "a user's file"
+
+
+HOLDER = ("import fcntl, sys, time; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); "
+          "print('held', flush=True); time.sleep(60)")
+
+
+def test_a_run_folder_in_use_by_another_runner_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+    arm = FOUNDATION[0]
+    _finish(tmp_path, arm, 1, ["unisrec-x", "an", "older", "command"], 0.05)
+    lock = tmp_path / arm.name / ".seed1.lock"
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:  # another process (a second runner, or a killed runner's still-running child) holds the folder
+        assert other.stdout.readline().strip() == "held"
+        monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
+        with pytest.raises(RuntimeError, match="in use by another unisrec-x experiment"):
+            run_arm(arm, 1, tmp_path, False, None)
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / arm.name / "seed1" / "test_metrics.json").exists()  # its files are still there
+
+
+def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeypatch):
+    arm = FOUNDATION[0]
+    run_dir = tmp_path / arm.name / "seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / experiment.RUN_LOG).write_text("killed half-way\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stale")
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, stdout, **kwargs):
+        assert not (run_dir / "checkpoints").exists()  # the interrupted run's files went first
+        if sys.platform != "win32":  # the child holds the folder's lock too, in case the runner is killed
+            assert len(kwargs["pass_fds"]) == 1
+        (run_dir / "test_metrics.json").write_text(json.dumps(
+            {"metrics": {"ndcg@10": 0.04}, "fit_seconds": 1.0, "epochs_trained": 1}))
+        return Done()
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    assert run_arm(arm, 1, tmp_path, False, None)["metrics"]["ndcg@10"] == 0.04
+
+
+def test_summary_and_table_over_seeds(tmp_path):
+    runs = [{"metrics": {"recall@10": r, "ndcg@10": r / 2, "recall@50": r * 2, "ndcg@50": r}, "epochs": 3, "wall_s": 5.0}
+            for r in (0.1, 0.2, 0.3)]
+    summary = summarise(runs)
+    assert summary["recall@10"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1)}
+    table = markdown_table({"arms": {"a": {"label": "Arm A", "summary": summary, "runs": runs}}})
+    assert "| Arm A | 0.2000 ± 0.1000 | 0.1000 ± 0.0500 |" in table and "3/3/3" in table

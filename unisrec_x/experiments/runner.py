@@ -1,0 +1,96 @@
+"""Run one ``unisrec-x`` command in its own process and folder, one runner per folder, and summarise seeds.
+
+Shared by every experiment (foundation, schemes, transfer): each arm is a separate process, so arms
+cannot leak state (seeds, threads, memory) into one another, and every result has the exact command
+that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, run folders are not guarded against a second runner
+    fcntl = None
+
+log = logging.getLogger(__name__)
+REPORTED = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+#: Bumped when a default that arm commands do not spell out changes (2: position-wise training), so a
+#: finished run made under other defaults is never reused for the same command line.
+DEFAULTS_VERSION = 2
+
+
+
+#: Every run folder this runner makes starts with this file; a folder without it is not ours to empty.
+RUN_LOG = "stdout.log"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold ``run_dir`` for one runner: a second experiment started on the same folders (another
+    terminal, a second session) would empty a run still writing there. BSD ``flock`` on a lock file
+    beside the folder; yields the lock's file descriptor (``None`` where nothing could be locked), which
+    ``run_process`` hands to its child, so a killed runner's still-running child keeps the folder held."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield None
+        return
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is in use by another unisrec-x experiment; wait for it or give --runs "
+                               "another folder") from None
+        except OSError as err:  # a file system without locks (some NFS, FUSE, CIFS mounts)
+            log.warning("cannot lock %s (%s); running without the guard against a second runner", run_dir, err)
+            yield None
+            return
+        yield handle.fileno()
+
+
+def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> float:
+    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds.
+
+    ``run_dir`` is this runner's own folder for that run: whatever an interrupted or differently
+    configured run left there is removed first (its log last, so a cleanup cut short still marks the
+    folder as the runner's); a non-empty folder without the runner's log was made by someone else and
+    is refused. ``threads`` sets ``OMP_NUM_THREADS`` for the child.
+    """
+    with exclusive(run_dir) as lock_fd:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not (run_dir / RUN_LOG).is_file():
+                raise FileExistsError(f"{run_dir} exists and was not made by unisrec-x experiment (no {RUN_LOG}); "
+                                      "refusing to empty it: move it or give --runs another folder")
+            for old in sorted(run_dir.rglob("*"), reverse=True):
+                if old != run_dir / RUN_LOG:
+                    old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        start = time.perf_counter()
+        with open(run_dir / RUN_LOG, "w") as handle:
+            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle,
+                                  stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
+    if proc.returncode != 0:
+        tail = (run_dir / RUN_LOG).read_text().splitlines()[-15:]
+        raise RuntimeError(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
+                           + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and (for several seeds) standard deviation of each metric over seeds."""
+    out = {}
+    for name in runs[0]["metrics"]:
+        values = [r["metrics"][name] for r in runs]
+        out[name] = {"mean": round(statistics.fmean(values), 6),
+                     "std": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0}
+    return out

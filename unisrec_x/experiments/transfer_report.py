@@ -1,0 +1,103 @@
+"""The transfer benchmark's report: finished result records -> ``transfer.json`` rows, tables, one plot per target.
+
+Kept apart from the runner (``unisrec_x.experiments.transfer``): it only reads records, so ``--report_only``
+and a finished run make the same report from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from unisrec_x.experiments.runner import REPORTED, summarise
+from unisrec_x.runtime.paths import atomic_write_bytes
+
+SLICES = (("all", ""), ("long-tail", "long_tail/"))
+
+
+def slug(text: str) -> str:
+    """A folder name for a target or regime: ``scientific/Scientific`` -> ``scientific-Scientific``, ``5%`` -> ``5pct``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
+
+
+def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
+    """One row per (target, regime, arm, slice): mean and std over seeds of each reported metric."""
+    label = {a.name: a.label for a in arms}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["target"], r["regime"], r["arm"]), []).append(r)
+    rows = []
+    for (target, regime, arm), runs in groups.items():
+        stats = summarise(runs)
+        for slice_name, prefix in SLICES:
+            row = {"target": target, "regime": regime, "arm": arm, "label": label.get(arm, arm), "slice": slice_name,
+                   "seeds": sorted(r["seed"] for r in runs)}
+            if prefix:
+                counts = {r["metrics"].get("long_tail/rows") for r in runs}
+                row["rows"] = int(counts.pop()) if len(counts) == 1 and None not in counts else None
+                if not row["rows"]:
+                    continue
+            for metric in REPORTED:
+                row[f"{metric}_mean"] = stats[prefix + metric]["mean"]
+                row[f"{metric}_std"] = stats[prefix + metric]["std"]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int) -> str:
+    """Per target and slice: arms down (in ``arms``' order), regimes across, N@10 (mean ± std over seeds)."""
+    out = []
+    for target in targets:
+        for slice_name, _ in SLICES:
+            title = "all test users" if slice_name == "all" else f"long-tail (target a training target <= {max_count} times)"
+            out += [f"### {target}, {title}", "", "| arm | " + " | ".join(f"N@10 {r}" for r in regimes) + " |",
+                    "|---|" + "---|" * len(regimes)]
+            cells: dict[str, dict[str, str]] = {}
+            for row in rows:
+                if row["target"] == target and row["slice"] == slice_name:
+                    std = f" ± {row['ndcg@10_std']:.4f}" if len(row["seeds"]) > 1 else ""
+                    cells.setdefault(row["arm"], {})[row["regime"]] = f"{row['ndcg@10_mean']:.4f}{std}"
+            for arm in arms:
+                if arm.name in cells:
+                    out.append(f"| {arm.label} | " + " | ".join(cells[arm.name].get(r, "") for r in regimes) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], arms: Sequence, shares: Mapping[str, float], target: str, path: Path) -> None:
+    """N@10 against the share of target training data, one line per arm, seeds' std as error bars."""
+    from unisrec_x.experiments import plots
+
+    # a colour per arm by its place in ``arms``, so an arm looks the same in every target's plot even
+    # where some arms have no rows; square markers set the pretrained arms apart from their scratch twins
+    colours = plots.palette()
+    fig, ax = plots.new_axes()
+    for i, arm in enumerate(arms):
+        mine = sorted((shares[r["regime"]], r) for r in rows
+                      if r["target"] == target and r["arm"] == arm.name and r["slice"] == "all")
+        if not mine:
+            continue
+        ax.errorbar([x * 100 for x, _ in mine], [r["ndcg@10_mean"] for _, r in mine],
+                    yerr=[r["ndcg@10_std"] for _, r in mine], capsize=3, label=arm.label,
+                    color=colours[i % len(colours)], marker="s" if arm.pretrained else "o",
+                    linestyle="-" if arm.kind in ("fit", "test") else "--")
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xticks([0, 5, 20, 100], ["0 (zero-shot)", "5%", "20%", "100%"])
+    plots.save(fig, ax, path, "share of the target's training users", "test NDCG@10 (full ranking)", f"Transfer to {target}")
+
+
+def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], targets: list[str], regimes: list[str],
+           pretraining: dict | None, max_count: int, out: Path, suffix: str) -> None:
+    """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target."""
+    rows = rows_of(records, arms)
+    atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
+        {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
+         "long_tail_max_count": max_count, "rows": rows, "pretraining": pretraining}, indent=1).encode())
+    table = markdown(rows, arms, targets, regimes, max_count)
+    atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
+    for target in targets:
+        plot(rows, arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
+    print(table)
