@@ -305,9 +305,13 @@ def test_micro_batched_step_has_the_whole_batch_loss_and_gradients(batch_kind):
     rows_seen = []
     net.encoder.layers[0].register_forward_hook(lambda layer, args, out: rows_seen.append(len(args[0])))
     results = []
-    for chunk in (None, 3 * batch.item_seq.shape[1]):  # 3 rows at a time
+    for chunk, path in ((None, "whole"), (3 * batch.item_seq.shape[1], "micro_batches")):  # 3 rows at a time
         rows_seen.clear()
-        loss = SeqRecModule(net, encoder_chunk_tokens=chunk, loss_chunk_rows=5).training_step(batch, 0)
+        module = SeqRecModule(net, encoder_chunk_tokens=chunk, loss_chunk_rows=5)
+        assert module.loss_path(batch) == path  # the one place that decides
+        with torch.no_grad():
+            assert module.loss_path(batch) == "whole"  # no gradients: nothing to micro-batch
+        loss = module.training_step(batch, 0)
         results.append((loss, torch.autograd.grad(loss, params, allow_unused=True), list(rows_seen)))
     (whole, whole_grads, whole_rows), (chunked, chunked_grads, chunked_rows) = results
     assert whole_rows == [len(batch.item_seq)] and max(chunked_rows) == 3 and sum(chunked_rows) == len(batch.item_seq)

@@ -95,3 +95,13 @@ def test_small_batches_never_come_out_empty():
 def test_stride_out_of_range_is_refused():
     with pytest.raises(ValueError, match="window_stride must be between 1 and max_seq_len=8"):
         PositionExamples(_seqs(), max_seq_len=L, window_stride=9)
+
+
+def test_the_docstrings_worked_example():
+    """PositionExamples' docstring walks through n = 13, L = 4, stride 2: the code must agree with it."""
+    examples = PositionExamples([np.arange(100, 113)], max_seq_len=4, window_stride=2)
+    batch = examples[list(range(len(examples)))]
+    assert (batch.item_seq - 100).tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
+    assert batch.target.tolist() == [[101, 102, 103, 104], [0, 0, 105, 106], [0, 0, 107, 108], [0, 0, 109, 110]]
+    assert examples.first_target.tolist() == [0, 2, 2, 2] and examples.target_count.tolist() == [4, 2, 2, 2]
+    assert examples.shortened == 3

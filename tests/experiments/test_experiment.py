@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from unisrec_x import experiment
+from unisrec_x.experiments import runner as experiment
 from unisrec_x.experiments.foundation import FOUNDATION, arm_command, markdown_table, run_arm, summarise
 
 

@@ -38,6 +38,27 @@ class PositionExamples(torch.utils.data.Dataset):
     sequences get further windows of L items, each ending ``stride`` items after the previous one
     (the last ends at T) and training only the targets the previous windows did not: a target
     there sees between L - stride + 1 and L items of history, where the prefix scheme gives it L.
+
+    Worked example: a sequence of n = 13 items ``s0 .. s12`` with L = 4 and stride 2. The last two
+    (s11 valid, s12 test) are held out, so the targets are s1 .. s10, at positions t = 1 .. T = 10
+    (n - 3: position t is the target predicted from ``s0 .. s(t-1)``). Windows end at L, L + stride, ...
+    and the last at T: ends 4, 6, 8, 10 (``extra`` = ceil((T - L) / stride) = 3 after the first).
+
+    ======  ==================  =====================  ==============================
+    window  items (width = 4)   targets trained        history each target sees
+    ======  ==================  =====================  ==============================
+    0       s0 s1 s2 s3         s1 s2 s3 s4            1, 2, 3, 4 items (= prefixes)
+    1       s2 s3 s4 s5         s5 s6                  3, 4 items
+    2       s4 s5 s6 s7         s7 s8                  3, 4 items
+    3       s6 s7 s8 s9         s9 s10                 3, 4 items
+    ======  ==================  =====================  ==============================
+
+    In the code: ``end`` = 4, 6, 8, 10; ``prev_end`` = 0, 4, 6, 8; ``width`` = min(end, L) = 4;
+    the window starts at item ``end - width`` (0, 2, 4, 6); ``target_count`` = end - prev_end
+    (4, 2, 2, 2) and ``first_target`` = width - target_count (0, 2, 2, 2): positions before it
+    were trained by an earlier window. Every target is trained exactly once; ``shortened`` counts
+    the 3 whose history (3 items) is shorter than the prefix scheme's (4). A sequence of n <= 3
+    items has no training target and no window.
     """
 
     def __init__(self, sequences: Sequence[np.ndarray], max_seq_len: int = 50, window_stride: int | None = None,

@@ -1,0 +1,1 @@
+"""Evaluation: full-ranking metrics (RecBole protocol), bounded-memory ranking, training-free baselines."""

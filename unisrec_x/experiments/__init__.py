@@ -1,0 +1,1 @@
+"""Experiments: one runner (a process per arm, locked folders, reuse of finished arms), foundation, transfer, reports, plots."""

@@ -1,1 +1,1 @@
-"""Frozen text encoder and the on-disk cache of item text vectors."""
+"""How an item becomes model input: the frozen text encoder, the cache of its vectors, semantic item codes."""

@@ -1,1 +1,1 @@
-"""Lightning wiring: training modules, checkpoint hand-off, result files."""
+"""Lightning wiring: the training modules (next-item, pretraining), checkpoint hand-off, callbacks, result files."""

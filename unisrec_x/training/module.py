@@ -1,4 +1,29 @@
-"""SeqRecModule: next-item training with full softmax, full-ranking evaluation."""
+"""SeqRecModule: next-item training with full softmax, full-ranking evaluation.
+
+Which path a training step's loss takes is decided in one place, ``SeqRecModule.loss_path``:
+
+============  ===========================================  ==========================================
+``loss``      the batch                                    path
+============  ===========================================  ==========================================
+``sampled``   any                                          ``sampled``: adapt only the items the batch
+                                                           touches, sampled softmax with log-Q
+                                                           correction (``objectives/sampled_softmax``);
+                                                           a batch of more than ``encoder_chunk_tokens``
+                                                           positions is encoded in checkpointed chunks
+                                                           (``SequenceEncoder.outputs_at``)
+``full``      at most ``encoder_chunk_tokens`` positions,  ``whole``: the item table once, one encoder
+              or no gradients, or float16 training         pass, the softmax over the catalog
+                                                           ``loss_chunk_rows`` targets at a time
+                                                           (``objectives/losses``)
+``full``      more positions than that                     ``micro_batches``: exact micro-batches, each
+                                                           chunk's forward and backward before the next
+                                                           (``objectives/microbatch``)
+============  ===========================================  ==========================================
+
+``whole`` and ``micro_batches`` give the same loss and gradients, and chunked encoding the same
+outputs and gradients as one pass (``tests/test_fast_paths.py``): they differ only in peak memory
+and time. ``sampled`` is another loss (for catalogs whose full softmax does not fit).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +45,8 @@ from unisrec_x.model.seq_encoder import rows_per_chunk
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.evaluation.ranking import DEFAULT_CHUNK, chunked_target_ranks
 from unisrec_x.objectives.sampled_softmax import NegativeSampler, NegativeSampling, sampled_softmax_loss
+
+LossPath = Literal["sampled", "whole", "micro_batches"]
 
 
 class SeqRecModule(pl.LightningModule):
@@ -98,24 +125,34 @@ class SeqRecModule(pl.LightningModule):
             counts = torch.bincount(targets, minlength=self.net.num_items + 1)
             self.sampler = NegativeSampler(counts, self.num_negatives, self.negative_sampling)
 
-    def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
+    def loss_path(self, batch: SeqBatch | PositionBatch) -> LossPath:
+        """How this batch's loss is computed (the module docstring's table): the one place that decides."""
         if self.loss == "sampled":
+            return "sampled"
+        rows, length = batch.item_seq.shape
+        float16 = self._trainer is not None and str(self.trainer.precision).startswith("16")  # loss scaling
+        if rows_per_chunk(self.encoder_chunk_tokens, rows, length) >= rows or not torch.is_grad_enabled() or float16:
+            return "whole"
+        return "micro_batches"
+
+    def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
+        path = self.loss_path(batch)
+        if path == "sampled":
             loss = self._sampled_loss(batch)
         else:
-            loss = self._full_loss(batch, self.net.item_table())  # the item table once per step
+            loss = self._full_loss(batch, self.net.item_table(), path)  # the item table once per step
         check_finite(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=int((batch.target > 0).sum()))
         return loss
 
-    def _full_loss(self, batch: SeqBatch | PositionBatch, table: torch.Tensor) -> torch.Tensor:
-        """Mean full-softmax loss over the batch's targets; a batch of more than ``encoder_chunk_tokens``
-        positions runs as exact micro-batches of at most that many (``microbatch.py``)."""
+    def _full_loss(self, batch: SeqBatch | PositionBatch, table: torch.Tensor, path: LossPath | None = None) -> torch.Tensor:
+        """Mean full-softmax loss over the batch's targets, whole or as exact micro-batches of at most
+        ``encoder_chunk_tokens`` positions (``microbatch.py``), as ``loss_path`` says."""
         rows, length = batch.item_seq.shape
         count = int((batch.target > 0).sum())
-        chunk_rows = rows_per_chunk(self.encoder_chunk_tokens, rows, length)
-        float16 = self._trainer is not None and str(self.trainer.precision).startswith("16")  # loss scaling
-        if chunk_rows >= rows or not torch.is_grad_enabled() or float16:
+        if (path or self.loss_path(batch)) == "whole":
             return self._loss_sum(batch, table) / count
+        chunk_rows = rows_per_chunk(self.encoder_chunk_tokens, rows, length)
         params = [p for p in self.parameters() if p.requires_grad]
         return micro_batched_loss(lambda part, shared: self._loss_sum(type(batch)(*(f[part] for f in batch)), shared),
                                   rows, chunk_rows, table, params, count)
