@@ -1,12 +1,14 @@
 """Training-free baselines on the same split and protocol as the models (full ranking, ties against the target).
 
-A claimed gain must stand beside them: popularity (how often each item is a training target)
-and text-kNN (the cosine between the text vector of the history's last item and every item's).
+A claimed gain must stand beside them: popularity (how often each item is a training target),
+text-kNN (the cosine between the text vector of the history's last item and every item's), and
+the *floor*: text-kNN of a decayed history plus a popularity prior, with its two knobs chosen on
+validation rows (``floor_grid``), the strongest training-free ranker here (issue 28).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,60 @@ def popularity(train_targets: torch.Tensor, num_items: int, batches: Iterable[Se
         query = torch.ones(len(batch.target), 1)
         metrics.update_ranks(chunked_target_ranks(query, counts.unsqueeze(1), batch.target - 1), batch.target)
     return _results(metrics, long_tail)
+
+
+class FloorKnobs(NamedTuple):
+    """The floor's two knobs: ``decay`` weighs the history's items (last 1, the one before ``decay``,
+    then ``decay**2``, ...; 0 = the last item only) and ``beta`` the popularity prior."""
+
+    decay: float
+    beta: float
+
+
+FLOOR_DECAYS = (0.0, 0.25, 0.5, 0.75)
+FLOOR_BETAS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12)
+
+
+def floor(item_features: torch.Tensor, train_targets: torch.Tensor | None, batches: Iterable[SeqBatch], knobs: FloorKnobs,
+          ks: Sequence[int] = (10, 50), long_tail: LongTail | None = None) -> dict[str, float]:
+    """Metrics of ``score(item) = cos(sum_j decay**j * unit(text(h_-j)), text(item)) + beta * log(1 + count(item))``.
+
+    ``h_-0`` is the history's last item; ``count`` is the item's count among ``train_targets`` (the
+    regime's training targets; ``None``, as zero-shot has, means no prior). The prior rides along as
+    one more coordinate of query and candidates, so ranking stays a chunked dot product.
+    """
+    unit = F.normalize(item_features.float(), dim=-1)
+    num_items = len(unit) - 1
+    counts = (torch.zeros(num_items + 1) if train_targets is None
+              else torch.bincount(train_targets, minlength=num_items + 1).float())
+    candidates = torch.cat([unit[1:], torch.log1p(counts[1:]).unsqueeze(1)], dim=1)  # (N, d + 1)
+    metrics = RankingMetrics(ks)
+    for batch in batches:
+        query = F.normalize(decayed_history(unit, batch, knobs.decay), dim=-1)  # (B, d)
+        query = torch.cat([query, query.new_full((len(query), 1), knobs.beta)], dim=1)
+        metrics.update_ranks(chunked_target_ranks(query, candidates, batch.target - 1), batch.target)
+    return _results(metrics, long_tail)
+
+
+def decayed_history(unit: torch.Tensor, batch: SeqBatch, decay: float) -> torch.Tensor:
+    """(B, d): the sum of the history's unit text vectors, the last weighted 1, each earlier one ``decay`` times less."""
+    positions = torch.arange(batch.item_seq.shape[1])
+    age = (batch.seq_len.unsqueeze(1) - 1 - positions).float()  # (B, L): 0 at the last item
+    weight = torch.where(age >= 0, torch.pow(torch.tensor(float(decay)), age.clamp(min=0)), 0.0)
+    return (weight.unsqueeze(-1) * unit[batch.item_seq]).sum(dim=1)
+
+
+def floor_grid(item_features: torch.Tensor, train_targets: torch.Tensor | None, batches: Sequence[SeqBatch],
+               decays: Sequence[float] = FLOOR_DECAYS, betas: Sequence[float] = FLOOR_BETAS,
+               metric: str = "ndcg@10") -> tuple[FloorKnobs, dict[tuple[float, float], float]]:
+    """The knobs with the best ``metric`` on ``batches`` (validation rows: never the test split), and
+    every setting's value. Without training targets only the decay is searched (beta 0)."""
+    scores = {}
+    for decay in decays:
+        for beta in (betas if train_targets is not None else (0.0,)):
+            scores[(decay, beta)] = floor(item_features, train_targets, batches, FloorKnobs(decay, beta))[metric]
+    best = max(scores, key=lambda knob: (scores[knob], -knob[1], -knob[0]))  # ties: the simpler setting
+    return FloorKnobs(*best), scores
 
 
 #: (training targets per item id (N + 1,), largest count that is still long-tail), as ``SeqRecModule``'s slice
