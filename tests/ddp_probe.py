@@ -11,7 +11,8 @@ import torch
 
 
 class BatchProbe(pl.Callback):
-    """Writes ``rank<N>.json`` into ``$DDP_PROBE_DIR`` with the targets seen and a weight checksum."""
+    """Writes ``rank<N>.json`` into ``$DDP_PROBE_DIR`` with the targets seen, the data's training targets
+    and a weight checksum."""
 
     def __init__(self) -> None:
         self.targets: list[list[int]] = []
@@ -23,4 +24,5 @@ class BatchProbe(pl.Callback):
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         out = Path(os.environ["DDP_PROBE_DIR"]) / f"rank{trainer.global_rank}.json"
         out.write_text(json.dumps({"targets": self.targets, "weights": flat[:2000].tolist(),
-                                   "world_size": trainer.world_size}))
+                                   "world_size": trainer.world_size,
+                                   "train_targets": trainer.datamodule.examples("train").targets.tolist()}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from unisrec_x.data.sequences import LengthBucketBatchSampler, SequenceExamples
@@ -52,6 +53,26 @@ def test_sampler_shards_are_disjoint_and_equal_across_ranks():
     shards = [list(LengthBucketBatchSampler(lengths, 32, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1])
     assert not set(i for b in shards[0] for i in b) & set(i for b in shards[1] for i in b)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("examples", [10, 31 * 32, 32 * 32, 1000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ddp_shards_train_every_batch_with_the_same_count_on_every_rank(world_size, examples, weighted):
+    # cutting the epoch to a multiple of world_size dropped len(batches) % world_size batches every epoch
+    lengths = torch.randint(1, 50, (examples,), generator=torch.Generator().manual_seed(examples))
+    weights = torch.full_like(lengths, 2) if weighted else None  # windows of 2 targets: 2 * examples / 32 batches
+    make = lambda rank, world: LengthBucketBatchSampler(lengths, 32, pool_batches=1, seed=3, rank=rank,  # noqa: E731
+                                                        world_size=world, weights=weights)
+    epoch = [tuple(b) for b in make(0, 1)]
+    shards = [[tuple(b) for b in make(rank, world_size)] for rank in range(world_size)]
+    assert [len(s) for s in shards] == [len(make(rank, world_size)) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-len(epoch) // world_size)
+    assert {b for s in shards for b in s} == set(epoch)  # every batch of the epoch is trained
+    assert sorted(i for b in set(epoch) for i in b) == list(range(examples))
+    if len(epoch) % world_size:  # (10 examples: 1 batch; 992: 31 or 62; 1000 weighted: 63) filled from the epoch's start
+        repeated = [b for s in shards for b in s][len(epoch):]
+        assert repeated == [epoch[i % len(epoch)] for i in range(len(repeated))]
 
 
 def _scientific_sized_lengths():

@@ -3,11 +3,13 @@ settings, collisions get their own digit, and code models score as the plain pat
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
-from unisrec_x import codes as codes_module
+from unisrec_x.items import codes as codes_module
 from unisrec_x.items.codes import CodeSettings, ItemQuantizer, item_codes, pack_codes, unpack_codes, with_collision_digit
 from unisrec_x.model.unisrec import UniSRec
 
@@ -195,3 +197,111 @@ def test_memory_dropout_drops_whole_id_rows_or_code_digits_while_training_only_a
             with torch.no_grad():
                 tables.append(net.item_table() - net.adapter(net.item_features))
         torch.testing.assert_close(tables[1], 3 * tables[0])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_faiss_work_leaves_torchs_thread_count_as_it_was(features, tmp_path, threads):
+    # faiss and torch share the OpenMP runtime: a fit's omp_set_num_threads(1) once left every later
+    # torch op (a text + codes model's whole training) on one core
+    import faiss
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fitted = item_codes(features, CodeSettings("opq", digits=4, codes_per_digit=16), root=tmp_path)
+        assert torch.get_num_threads() == threads
+        item_codes(features, CodeSettings("opq", digits=4, codes_per_digit=16), root=tmp_path)  # a cache load
+        loaded = ItemQuantizer.from_bytes(fitted.settings, fitted.quantizer.to_bytes())
+        loaded.decode(loaded.encode(features[:5]))
+        fitted.codes_for(features[:3])
+        assert torch.get_num_threads() == threads and faiss.omp_get_max_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rewrite_cache(path, **changes):
+    with np.load(path, allow_pickle=False) as stored:
+        arrays = {**dict(stored), **changes}
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("alteration", ["ten_rows", "code_9999", "one_code_moved", "other_quantizer"])
+def test_an_altered_code_cache_with_its_key_kept_is_refitted(features, tmp_path, monkeypatch, caplog, alteration):
+    settings = CodeSettings("pq", digits=4, codes_per_digit=16)
+    first = item_codes(features, settings, root=tmp_path)
+    (path,) = (tmp_path / "codes").glob("*.npz")
+    stored = first.codes.astype(np.int16)
+    if alteration == "ten_rows":
+        _rewrite_cache(path, codes=stored[:10])
+    elif alteration == "code_9999":
+        stored[3, 1] = 9999
+        _rewrite_cache(path, codes=stored)
+    elif alteration == "one_code_moved":  # in range and shape: only the recorded sha256 tells
+        stored[3, 1] = (stored[3, 1] + 1) % 16
+        _rewrite_cache(path, codes=stored)
+    else:  # a valid quantizer of the same structure fitted on other vectors, its sha256 recorded: not these codes'
+        other = ItemQuantizer.fit(np.random.default_rng(5).normal(size=features.shape), settings).to_bytes()
+        _rewrite_cache(path, quantizer=np.frombuffer(other, dtype=np.uint8),
+                       quantizer_sha256=np.array(hashlib.sha256(other).hexdigest()))
+    fits = []
+    real_fit = ItemQuantizer.fit
+    monkeypatch.setattr(codes_module.ItemQuantizer, "fit", classmethod(lambda cls, x, s: fits.append(s) or real_fit(x, s)))
+    again = item_codes(features, settings, root=tmp_path)
+    assert len(fits) == 1 and "code cache not used" in caplog.text
+    np.testing.assert_array_equal(again.codes, first.codes)
+    item_codes(features, settings, root=tmp_path)
+    assert len(fits) == 1  # the refit replaced the altered file
+
+
+def _pq_header(dim: int, digits: int, bits: int, floats: int) -> bytes:
+    """The start of a serialised faiss IndexPQ whose centroid vector claims ``floats`` floats."""
+    header = b"IxPq" + np.int32(dim).tobytes() + np.int64(0).tobytes() + np.int64(1 << 20).tobytes() * 2
+    header += b"\x01" + np.int32(1).tobytes()  # is_trained, METRIC_L2
+    return header + b"".join(np.uint64(v).tobytes() for v in (dim, digits, bits, floats))
+
+
+def test_quantizer_bytes_claiming_more_than_they_hold_are_refused_before_faiss_reads_them(features, tmp_path, monkeypatch,
+                                                                                        caplog):
+    # faiss allocates the sizes a file claims before reading them: 118 bytes claiming 2^28 floats took 1 GB
+    import faiss
+
+    from unisrec_x.errors import DataError
+
+    settings = CodeSettings("pq", digits=4, codes_per_digit=16)
+    good = ItemQuantizer.fit(features, settings).to_bytes()
+    crafted = _pq_header(32, 4, 4, 1 << 28)
+    crafted += bytes(118 - len(crafted))
+    size_field = slice(61, 69)  # the centroid count, after the 37-byte index header and d, M, nbits
+    assert good[size_field] == np.uint64(4 * 16 * 8).tobytes() and good[:61] == crafted[:61]
+    same_length = bytearray(good)  # a real quantizer's bytes with its centroid count changed
+    same_length[size_field] = np.uint64(1 << 28).tobytes()
+    huge_dim, many_digits = bytearray(good), bytearray(good)
+    huge_dim[4:8] = np.int32(1 << 30).tobytes()
+    many_digits[45:53] = np.uint64(1 << 40).tobytes()
+    calls = []
+    real = faiss.deserialize_index
+    monkeypatch.setattr(faiss, "deserialize_index", lambda blob: calls.append(len(blob)) or real(blob))
+    for blob in (crafted, bytes(same_length), bytes(huge_dim), bytes(many_digits), good[:100], good + b"\0", b"", b"IxPq"):
+        with pytest.raises(DataError, match=r"quantizer\.faiss: not a faiss pq quantizer \("):
+            ItemQuantizer.from_bytes(settings, blob, tmp_path / "quantizer.faiss")
+    assert calls == []  # refused before faiss saw them
+    for method in ("pq", "opq", "rq"):
+        fitted = ItemQuantizer.fit(features, CodeSettings(method, digits=4, codes_per_digit=16))
+        for claimed in (CodeSettings(method, 4, 16), CodeSettings(method, 8, 32)):
+            # a real quantizer loads and encodes as before, under its own sizes whatever the settings claim
+            # (ItemCodes.quantizer_problem names the difference)
+            loaded = ItemQuantizer.from_bytes(claimed, fitted.to_bytes())
+            assert loaded.shape() == (4, [4] * 4)
+            np.testing.assert_array_equal(loaded.index.sa_encode(features), fitted.index.sa_encode(features))
+        other = {"pq": "opq", "opq": "rq", "rq": "pq"}[method]
+        with pytest.raises(DataError, match=f"not a faiss {other} quantizer"):
+            ItemQuantizer.from_bytes(CodeSettings(other, digits=4, codes_per_digit=16), fitted.to_bytes())
+    assert len(calls) == 6
+    # in the code cache: refused, logged, fitted again
+    first = item_codes(features, settings, root=tmp_path)
+    (path,) = (tmp_path / "codes").glob("*.npz")
+    _rewrite_cache(path, quantizer=np.frombuffer(crafted, dtype=np.uint8),
+                   quantizer_sha256=np.array(hashlib.sha256(crafted).hexdigest()))
+    calls.clear()
+    np.testing.assert_array_equal(item_codes(features, settings, root=tmp_path).codes, first.codes)
+    assert "not a faiss pq quantizer" in caplog.text and calls == []

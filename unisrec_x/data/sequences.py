@@ -113,7 +113,7 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             pool_batches: batches per length-sorted pool.
             seed: with the epoch, fixes each epoch's batches (so a resumed epoch repeats them).
             rank: this process's DDP rank.
-            world_size: DDP processes; each takes an equal share of the batches.
+            world_size: DDP processes; each takes an equal share of the batches (``shard``).
             weights: (N,) targets per example (default 1 each).
         """
         self.lengths = lengths
@@ -172,10 +172,7 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         return list(order.split(torch.bincount(batch, minlength=count).tolist()))
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        if self.world_size > 1:  # equal batch count per rank keeps DDP collectives in step
-            per_rank = len(batches) // self.world_size
-            batches = batches[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batches = shard(self._batches(), self.rank, self.world_size)
         start, self.skip = self.skip, 0
         for batch in batches[start:]:
             yield batch.tolist()
@@ -189,7 +186,20 @@ class LengthBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         else:
             pool = self.pool_batches * self.batch_size
             count = sum(-(-min(pool, n - s) // self.batch_size) for s in range(0, n, pool))
-        return count // self.world_size if self.world_size > 1 else count
+        return -(-count // self.world_size)
+
+
+def shard(batches: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of an epoch's batches under DDP: contiguous, of equal count on every rank
+    (collectives stay in step), with batches from the epoch's start repeated to fill the last shares
+    (as ``DistributedSampler(drop_last=False)``), so every batch is trained each epoch; cutting the
+    epoch down to a multiple of ``world_size`` would drop up to ``world_size - 1`` batches every epoch.
+    """
+    if world_size <= 1 or not batches:
+        return batches
+    per_rank = -(-len(batches) // world_size)
+    padded = [batches[i % len(batches)] for i in range(per_rank * world_size)]
+    return padded[rank * per_rank:(rank + 1) * per_rank]
 
 
 def _equal_shares(weights: torch.Tensor, parts: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,9 +17,10 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from unisrec_x.runtime.paths import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
 CodeMethod = Literal["pq", "opq", "rq"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cache files carry sha256s of their features, codes and quantizer
 CHECKPOINT_KEY = "item_codes"  # a code model's checkpoint entry: its codes and quantizer (ItemCodes.to_state)
 
 
@@ -62,8 +63,6 @@ class ItemQuantizer:
 
     @classmethod
     def fit(cls, features: np.ndarray, settings: CodeSettings) -> "ItemQuantizer":
-        faiss = _faiss()
-
         x = _float32(features)
         n, dim = x.shape
         if settings.method in ("pq", "opq") and dim % settings.digits:
@@ -71,33 +70,22 @@ class ItemQuantizer:
         if n < settings.codes_per_digit:
             raise ValueError(f"{n} items cannot be split into {settings.codes_per_digit} codes per digit: "
                              "lower codes_per_digit")
-        faiss.omp_set_num_threads(1)  # deterministic assignments whatever the machine's core count
-        if settings.method == "rq":
-            index = faiss.IndexResidualQuantizer(dim, settings.digits, settings.bits)
-            index.rq.cp.seed = settings.seed
-            index.rq.cp.min_points_per_centroid = 1  # small catalogs: train on what there is, without warnings
-        else:
-            pq = faiss.IndexPQ(dim, settings.digits, settings.bits)
-            pq.pq.cp.seed = settings.seed
-            pq.pq.cp.min_points_per_centroid = 1
-            if settings.method == "pq":
-                index = pq
-            else:
-                opq = faiss.OPQMatrix(dim, settings.digits)
-                opq.pq = pq.pq  # the rotation is learned jointly with this PQ's codebooks
-                opq.verbose = False
-                index = faiss.IndexPreTransform(opq, pq)
-        index.train(x)
+        with faiss_threads(1) as faiss:  # deterministic assignments whatever the machine's core count
+            index = _new_index(faiss, settings, dim)
+            index.train(x)
         return cls(settings, index)
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """(n, d) text vectors -> (n, digits) int64 codes in ``[0, codes_per_digit)``."""
-        packed = self.index.sa_encode(_float32(features))  # (n, code bytes), digits packed LSB first
+        x = _float32(features)
+        with faiss_threads():
+            packed = self.index.sa_encode(x)  # (n, code bytes), digits packed LSB first
         return unpack_codes(packed, self.settings.digits, self.settings.bits)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, digits) codes -> (n, d) reconstructions (the codebook entries, summed or joined)."""
-        return self.index.sa_decode(pack_codes(codes, self.settings.bits))
+        with faiss_threads():
+            return self.index.sa_decode(pack_codes(codes, self.settings.bits))
 
     def shape(self) -> tuple[int, list[int]]:
         """(digits, bits of each digit) of the faiss index itself, whatever ``settings`` claim."""
@@ -112,13 +100,120 @@ class ItemQuantizer:
         raise ValueError(f"a faiss {type(index).__name__} is not an item quantizer (expected PQ, OPQ or RQ)")
 
     def to_bytes(self) -> bytes:
-        faiss = _faiss()
-        return faiss.serialize_index(self.index).tobytes()
+        with faiss_threads() as faiss:
+            return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def from_bytes(cls, settings: CodeSettings, blob: bytes) -> "ItemQuantizer":
-        faiss = _faiss()
-        return cls(settings, faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)))
+    def from_bytes(cls, settings: CodeSettings, blob: bytes, path: str | Path | None = None) -> "ItemQuantizer":
+        """The quantizer serialised in ``blob`` (read from ``path``, named in errors), refused unless it is a
+        well-formed ``settings.method`` quantizer (``_check_serialised``): faiss allocates whatever sizes a
+        file claims before reading them, so 118 bytes claiming 2^28 floats took a gigabyte before failing."""
+        with faiss_threads() as faiss:
+            _check_serialised(faiss, settings, blob, path)
+            return cls(settings, faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8)))
+
+
+def _new_index(faiss, settings: CodeSettings, dim: int):
+    """An untrained faiss index of ``settings``' method and sizes for ``dim``-d vectors."""
+    if settings.method == "rq":
+        index = faiss.IndexResidualQuantizer(dim, settings.digits, settings.bits)
+        index.rq.cp.seed = settings.seed
+        index.rq.cp.min_points_per_centroid = 1  # small catalogs: train on what there is, without warnings
+        return index
+    pq = faiss.IndexPQ(dim, settings.digits, settings.bits)
+    pq.pq.cp.seed = settings.seed
+    pq.pq.cp.min_points_per_centroid = 1
+    if settings.method == "pq":
+        return pq
+    opq = faiss.OPQMatrix(dim, settings.digits)
+    opq.pq = pq.pq  # the rotation is learned jointly with this PQ's codebooks
+    opq.verbose = False
+    return faiss.IndexPreTransform(opq, pq)
+
+
+def _trained_template(faiss, settings: CodeSettings, dim: int, fill: int) -> np.ndarray:
+    """What a trained quantizer of ``settings`` for ``dim``-d vectors serialises to, its learned floats
+    (codebooks, OPQ rotation, RQ's norm range) filled with the byte ``fill``."""
+    index = _new_index(faiss, settings, dim)
+    ksub = settings.codes_per_digit
+    value = float(np.full(4, fill, np.uint8).view(np.float32)[0])
+
+    def filled(vector, size: int) -> None:
+        faiss.copy_array_to_vector(np.full(size, value, np.float32), vector)
+
+    if settings.method == "rq":
+        filled(index.rq.codebooks, settings.digits * ksub * dim)
+        index.rq.norm_min = index.rq.norm_max = value
+        index.rq.is_trained = True
+    else:
+        pq_index = index if settings.method == "pq" else faiss.downcast_index(index.index)
+        filled(pq_index.pq.centroids, dim * ksub)
+        pq_index.is_trained = True
+        if settings.method == "opq":
+            opq = faiss.downcast_VectorTransform(index.chain.at(0))
+            filled(opq.A, dim * dim)
+            opq.is_trained = True
+    index.is_trained = True
+    return faiss.serialize_index(index)
+
+
+_HEADER = 37  # a faiss index header under the L2 metric: type tag, d, ntotal, 2 dummies, is_trained, metric
+
+
+def _declared(blob: bytes, method: CodeMethod, dim: int) -> tuple[int, int]:
+    """(digits, bits) where a serialised ``method`` quantizer of ``dim``-d vectors declares them, read
+    without trusting them (the caller compares the whole file with what they imply)."""
+    at = _HEADER + 8  # IndexPQ: ProductQuantizer's d, M, nbits; IndexResidualQuantizer: d, M, nbits[M]
+    if method == "opq":  # the PQ index follows the rotation: nt, "LTra", have_bias, A (d x d), b, d_in, d_out, is_trained
+        at += _HEADER + 34 + 4 * dim * dim
+    bits_at = at + (16 if method == "rq" else 8)  # RQ: M, then a vector of M widths (its size first)
+    if len(blob) < bits_at + 8:
+        raise ValueError(f"{len(blob)} bytes are too few for its {dim}-d vectors")
+    return tuple(int(np.frombuffer(blob, dtype="<u8", count=1, offset=o)[0]) for o in (at, bits_at))
+
+
+def _check_serialised(faiss, settings: CodeSettings, blob: bytes, path: str | Path | None) -> None:
+    """Refuse (``DataError`` naming ``path``) bytes that are not a trained ``settings.method`` quantizer.
+
+    The vector size (header), digits and bits (where the method stores them) are read from the file
+    and checked against its length before anything of their size exists; then every byte but the
+    learned floats' must equal what a quantizer of those sizes serialises to (every size field, flag
+    and type tag), so faiss never reads a size the file cannot hold. Digits and bits other than the
+    settings' pass here: ``ItemQuantizer.shape`` and ``ItemCodes.quantizer_problem`` report them.
+    """
+    from unisrec_x.errors import DataError
+
+    what = f"not a faiss {settings.method} quantizer"
+    dim = int(np.frombuffer(blob[4:8], dtype="<i4")[0]) if len(blob) >= 8 else 0
+    if dim < 1:
+        raise DataError(f"{what} ({len(blob)} bytes, its header gives {dim}-d vectors)", path)
+    if 4 * dim * (dim if settings.method == "opq" else 1) > len(blob):
+        raise DataError(f"{what} (its {len(blob)} bytes cannot hold a quantizer of the {dim}-d vectors its header "
+                        "gives)", path)
+    try:
+        digits, bits = _declared(blob, settings.method, dim)
+        if not (1 <= bits <= 8 and 1 <= digits <= len(blob)):
+            raise ValueError(f"it declares {digits} digits of {bits} bits")
+        declared = CodeSettings(settings.method, digits, 1 << bits, settings.seed)
+        if settings.method != "rq" and dim % digits:
+            raise ValueError(f"{dim}-d vectors cannot be cut into {digits} digits")
+    except ValueError as err:
+        raise DataError(f"{what} ({err})", path) from None
+    ksub = declared.codes_per_digit
+    floats = {"pq": dim * ksub, "opq": dim * dim + dim * ksub, "rq": digits * ksub * dim}[settings.method]
+    if 4 * floats > len(blob):
+        raise DataError(f"{what} (its {len(blob)} bytes cannot hold the {floats} floats of {digits} digits x {bits} bits "
+                        f"for {dim}-d vectors)", path)
+    blank, marked = _trained_template(faiss, declared, dim, 0), _trained_template(faiss, declared, dim, 0x5A)
+    data = np.frombuffer(blob, dtype=np.uint8)
+    if len(data) != len(blank):
+        raise DataError(f"{what} ({len(data)} bytes; one of {digits} digits x {bits} bits for {dim}-d vectors has "
+                        f"{len(blank)})", path)
+    fixed = blank == marked  # every byte but the learned floats'
+    if not np.array_equal(data[fixed], blank[fixed]):
+        at = int(np.flatnonzero(fixed & (data != blank))[0])
+        raise DataError(f"{what} (byte {at} differs from the structure of one of {digits} digits x {bits} bits "
+                        f"for {dim}-d vectors)", path)
 
 
 def unpack_codes(packed: np.ndarray, digits: int, bits: int) -> np.ndarray:
@@ -266,20 +361,21 @@ def item_codes(features: np.ndarray, settings: CodeSettings, root: str | Path | 
     """Fit (or load from the cache) the codes of ``features`` (n, d) under ``settings``.
 
     The cache key is a hash of the features' bytes and the settings, so changed text vectors or
-    settings refit; a damaged cache file is refitted, not trusted.
+    settings refit. A cache file is used only if it proves to be these features' codes (``_read_cache``);
+    a truncated, altered or foreign one is logged and refitted, not trusted.
     """
     x = _float32(features)
-    key = hashlib.sha256(x.tobytes() + json.dumps({**asdict(settings), "format": FORMAT_VERSION,
-                                                    "shape": x.shape}, sort_keys=True).encode()).hexdigest()
+    features_sha256 = hashlib.sha256(x.tobytes()).hexdigest()
+    key = hashlib.sha256((features_sha256 + json.dumps({**asdict(settings), "format": FORMAT_VERSION,
+                                                        "shape": x.shape}, sort_keys=True)).encode()).hexdigest()
     path = Path(root or cache_dir()) / "codes" / f"{key[:32]}.npz"
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                if str(stored["key"]) == key:
-                    quantizer = ItemQuantizer.from_bytes(settings, stored["quantizer"].tobytes())
-                    return ItemCodes(stored["codes"].astype(np.int64), quantizer, int(stored["collided"]))
-        except Exception as err:  # a truncated or foreign file: refit below
-            log.warning("%s: unreadable code cache (%s); fitting again", path, err)
+            cached = _read_cache(path, key, features_sha256, x, settings)
+            if cached is not None:
+                return cached
+        except Exception as err:  # truncated, altered or foreign: refit below
+            log.warning("%s: code cache not used (%s); fitting again", path, err)
     quantizer = ItemQuantizer.fit(x, settings)
     codes, collided = with_collision_digit(quantizer.encode(x))
     log.info("item codes (%s, %d digits x %d): %d of %d items shared their code tuple with another%s",
@@ -293,11 +389,68 @@ def item_codes(features: np.ndarray, settings: CodeSettings, root: str | Path | 
                     settings.codes_per_digit, len(codes) - len(np.unique(codes, axis=0)))
     import io
 
+    stored = codes.astype(np.int16)  # codes_per_digit <= 256
+    blob = quantizer.to_bytes()
     buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), codes=codes.astype(np.int16),  # codes_per_digit <= 256
-             quantizer=np.frombuffer(quantizer.to_bytes(), dtype=np.uint8), collided=np.array(collided))
+    np.savez(buffer, key=np.array(key), codes=stored, quantizer=np.frombuffer(blob, dtype=np.uint8),
+             collided=np.array(collided), features_sha256=np.array(features_sha256),
+             codes_sha256=np.array(hashlib.sha256(stored.tobytes()).hexdigest()),
+             quantizer_sha256=np.array(hashlib.sha256(blob).hexdigest()))
     atomic_write_bytes(path, buffer.getvalue())
     return ItemCodes(codes, quantizer, collided)
+
+
+def _read_cache(path: Path, key: str, features_sha256: str, x: np.ndarray, settings: CodeSettings) -> ItemCodes | None:
+    """The cached codes in ``path`` if they are those of ``x`` under ``settings``; ``None`` for another
+    key's file (same name prefix); ``ValueError`` saying why not otherwise.
+
+    A file whose key is right may still have been altered or half-written over: its codes must have
+    the catalog's shape and range, the features, codes and quantizer their recorded sha256s, and the
+    quantizer must be well-formed (``ItemQuantizer.from_bytes``) and give these codes
+    (``ItemCodes.quantizer_problem``: its vector size, digits, bits and encodings).
+    """
+    with np.load(path, allow_pickle=False) as stored:
+        if str(stored["key"]) != key:
+            return None
+        if str(stored["features_sha256"]) != features_sha256:
+            raise ValueError("fitted from other text vectors")
+        codes, blob, collided = stored["codes"], stored["quantizer"].tobytes(), int(stored["collided"])
+        codes_sha256, quantizer_sha256 = str(stored["codes_sha256"]), str(stored["quantizer_sha256"])
+    expected = (len(x), settings.digits + 1)
+    if codes.dtype != np.int16 or codes.shape != expected:
+        raise ValueError(f"codes are {codes.dtype} {codes.shape}, expected int16 {expected}")
+    if codes.min() < 0 or codes.max() >= settings.codes_per_digit:
+        raise ValueError(f"codes lie outside [0, {settings.codes_per_digit})")
+    if hashlib.sha256(np.ascontiguousarray(codes).tobytes()).hexdigest() != codes_sha256:
+        raise ValueError("codes differ from the sha256 recorded when they were fitted")
+    if hashlib.sha256(blob).hexdigest() != quantizer_sha256:
+        raise ValueError("quantizer differs from the sha256 recorded when it was fitted")
+    if not 0 <= collided <= len(x):
+        raise ValueError(f"{collided} collided items of {len(x)}")
+    loaded = ItemCodes(codes.astype(np.int64), ItemQuantizer.from_bytes(settings, blob, path), collided)
+    problem = loaded.quantizer_problem(x.shape[1], x)
+    if problem:
+        raise ValueError(problem)
+    return loaded
+
+
+@contextmanager
+def faiss_threads(threads: int | None = None) -> Iterator:
+    """faiss (with ``threads`` OpenMP threads, default as they are); afterwards faiss's and torch's thread
+    counts are what they were. Both use the process's OpenMP runtime, so ``faiss.omp_set_num_threads(1)``
+    left alone would make every later torch op single-threaded (issue 27: a codes fit trained on one core).
+    """
+    import torch
+
+    faiss = _faiss()
+    saved_faiss, saved_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
+    try:
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+        yield faiss
+    finally:
+        faiss.omp_set_num_threads(saved_faiss)
+        torch.set_num_threads(saved_torch)
 
 
 def _faiss():
