@@ -1,4 +1,4 @@
-"""Few-shot regimes: a listed share of users trains; everyone is still validated and tested."""
+"""Few-shot regimes: a listed share of users trains and validates; everyone is still tested."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def full(real_root):
     return SeqRecDataModule("scientific/Scientific", data_root=str(real_root))
 
 
-def test_only_listed_users_train_and_everyone_is_evaluated(full, real_root, tmp_path):
+def test_only_listed_users_train_and_validate_and_everyone_is_tested(full, real_root, tmp_path):
     users = full.data.domains[0].users
     listed = users[::20]  # 5%
     path = write(tmp_path / "users.txt", "\n".join(listed) + "\n")
@@ -25,8 +25,14 @@ def test_only_listed_users_train_and_everyone_is_evaluated(full, real_root, tmp_
     expected = torch.cat([torch.as_tensor(s[1:len(s) - 2]) for s in map(list, kept) if len(s) > 3])
     assert sorted(few.examples("train").targets.tolist()) == sorted(expected.tolist())
     assert len(few.examples("train").targets) < len(full.examples("train").targets) / 10
-    for split in ("valid", "test"):
-        assert torch.equal(few.examples(split).targets, full.examples(split).targets)
+    assert torch.equal(few.examples("test").targets, full.examples("test").targets)
+    # validation: only the listed users' rows (a few-shot user has only their labels), in data order
+    listed_set = set(listed)
+    expected_valid = [int(s[-2]) for s, u in zip(full.data.sequences, users) if u in listed_set]
+    assert few.examples("valid").targets.tolist() == expected_valid
+    assert 0 < len(expected_valid) < len(full.examples("valid").targets) / 10
+    everyone = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path), valid_users="all")
+    assert torch.equal(everyone.examples("valid").targets, full.examples("valid").targets)
 
 
 @pytest.mark.parametrize("text, message", [

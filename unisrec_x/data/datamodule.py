@@ -6,7 +6,7 @@ import logging
 import random
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,6 +27,8 @@ from unisrec_x.items.feature_cache import FeatureCache
 from unisrec_x.items.encoder import PACKAGED_ENCODER, Pooling, Precision, encoder_dim
 
 log = logging.getLogger(__name__)
+#: Whose validation rows a few-shot fit (``train_users``) is selected on.
+ValidUsers = Literal["train_users", "all"]
 
 
 def resolve_dataset(name: str, data_root: str | None) -> Path:
@@ -50,7 +52,8 @@ class SeqRecDataModule(pl.LightningDataModule):
                  pooling: Pooling = "cls", max_text_tokens: int = 512, encode_batch_size: int = 64,
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
                  training_examples: TrainingExamples = "positions", window_stride: int | None = None,
-                 bucket_pool_batches: int = 4, train_users: str | None = None, code_method: CodeMethod = "opq") -> None:
+                 bucket_pool_batches: int = 4, train_users: str | None = None, code_method: CodeMethod = "opq",
+                 valid_users: ValidUsers = "train_users") -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -89,8 +92,11 @@ class SeqRecDataModule(pl.LightningDataModule):
                 keep batches random across epochs (a pool of the whole epoch would cut the same length
                 slices every epoch); larger ones pad less.
             train_users: a text file of user ids (relative to the working directory), one per line: only their sequences give training
-                examples (few-shot regimes); every user is still validated and tested, and every
-                history is still read as input. Default: all users train.
+                examples (few-shot regimes); every user is still tested, and every history is still read
+                as input. Default: all users train.
+            valid_users: with ``train_users``, whose validation rows early stopping and every choice
+                made on validation see: ``train_users`` (default) only theirs, since a user with 5% of the
+                data has 5% of the validation labels; ``all`` every user's (the protocol before issue 28).
             code_method: for models with item codes (``use_codes``): ``opq`` (VQ-Rec), ``pq`` or ``rq``
                 (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.items.codes``).
         """
@@ -116,6 +122,9 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.training_examples, self.window_stride = training_examples, window_stride
         self.bucket_pool_batches = bucket_pool_batches
         self.code_method = code_method
+        if valid_users not in ("train_users", "all"):
+            raise ValueError(f"valid_users must be 'train_users' or 'all', got {valid_users!r}")
+        self.valid_users = valid_users
         self.train_sequence_mask = None if train_users is None else training_mask(self.data, Path(train_users).expanduser())
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
@@ -162,7 +171,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         if split in self._splits:
             return self._splits[split]
         sequences, domains = self.data.sequences, self.data.sequence_domain
-        if split == "train" and self.train_sequence_mask is not None:
+        if self.train_sequence_mask is not None and (split == "train" or (split == "valid" and self.valid_users == "train_users")):
             sequences = [s for s, keep in zip(sequences, self.train_sequence_mask) if keep]
             domains = domains[self.train_sequence_mask]
         if split == "train" and self.training_examples == "positions":
