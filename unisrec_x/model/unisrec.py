@@ -57,7 +57,9 @@ class UniSRec(nn.Module):
             codes_per_digit: codes per digit (rows of each table).
             memory_dropout: while training, the share of item memory dropped: an item's whole ID
                 embedding (its vector keeps the text part), or single digits of its code (the mean
-                runs over the digits kept). Rare items' memory gets few updates and then overfits;
+                runs over the digits kept). One treatment for both: what is kept keeps its
+                evaluation scale (no inverted-dropout 1 / (1 - p) on ID rows, which under cosine
+                scoring would weigh a kept ID 4x against the text at p = 0.75). Rare items' memory gets few updates and then overfits;
                 dropping it makes the model lean on what similar items share (text, common codes).
             memory_scale: factor on the item memory (ID embedding or code mean) in the item vector.
                 Under Adam this multiplies that table's step size and initial spread alike: a
@@ -173,8 +175,10 @@ class UniSRec(nn.Module):
             vectors = self.adapter(self.item_features if ids is None else self.item_features[ids])
         if self.item_embedding is not None:
             ids_part = self.item_embedding.weight if ids is None else self.item_embedding(ids)
-            if self.training and self.memory_dropout > 0:  # whole rows: an item keeps all of its ID or none
-                ids_part = F.dropout(ids_part.new_ones(*ids_part.shape[:-1], 1), self.memory_dropout) * ids_part
+            if self.training and self.memory_dropout > 0:  # whole rows: an item keeps all of its ID or none,
+                # at its evaluation scale (no 1 / (1 - p)), as a code mean over its kept digits is
+                keep = torch.rand(*ids_part.shape[:-1], 1, device=ids_part.device) >= self.memory_dropout
+                ids_part = ids_part * keep
             ids_part = ids_part * self.memory_scale if self.memory_scale != 1 else ids_part
             vectors = ids_part if vectors is None else vectors + ids_part
         if self.code_embedding is not None:
