@@ -90,7 +90,7 @@ def test_floor_with_decay_zero_and_no_prior_is_text_knn():
 
 
 def test_floor_grid_picks_the_best_validation_setting():
-    from unisrec_x.evaluation.baselines import FloorKnobs, floor, floor_grid
+    from unisrec_x.evaluation.baselines import floor, floor_grid
 
     data = _examples()
     features = torch.randn(41, 16)

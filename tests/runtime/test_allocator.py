@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -31,22 +33,49 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def _glibc_with_mallinfo2() -> bool:
+    """The probes load ``libc.so.6`` and read ``mallinfo2`` (glibc 2.33+): musl, macOS and Windows have neither."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+GLIBC = pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc 2.33+ (libc.so.6 with mallinfo2)")
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without a malloc setting of its own, so each probe sets exactly what it tests."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k not in ("UNISREC_X_MALLOC", "GLIBC_TUNABLES")}
+
+
 def _probe(mode: str, **env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "UNISREC_X_MALLOC"}
+    clean = _clean_env()
     return subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
                           env={**clean, **env}).stdout.split()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@GLIBC
 def test_large_blocks_stay_mmapped_once_the_threshold_is_fixed():
     assert _probe("fix") == ["True", "True"]
     assert _probe("default") == ["False", "False"]  # glibc's own behaviour, which made the resident set creep
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@GLIBC
 def test_the_users_own_malloc_settings_win():
     assert _probe("fix", MALLOC_TRIM_THRESHOLD_="1000000")[0] == "False"
     assert _probe("fix", UNISREC_X_MALLOC="default") == ["False", "False"]
+
+
+@GLIBC
+def test_a_glibc_malloc_tunable_of_the_users_wins():
+    """``GLIBC_TUNABLES`` sets the same thresholds as ``MALLOC_*_``; ``mallopt`` would silently override it."""
+    assert _probe("fix", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == ["False", "True"]  # the user's 64 KiB
+    assert _probe("fix", GLIBC_TUNABLES="glibc.rtld.nns=4:glibc.malloc.trim_threshold=1000000")[0] == "False"
+    assert _probe("fix", GLIBC_TUNABLES="glibc.rtld.nns=4") == ["True", "True"]  # not a malloc setting: ours applies
 
 
 def test_nothing_happens_off_linux(monkeypatch):
@@ -76,9 +105,9 @@ TRIM_PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@GLIBC
 def test_trim_returns_freed_heap_below_a_live_block():
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "UNISREC_X_MALLOC"}
+    clean = _clean_env()
     outputs = {mode: subprocess.run([sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True,
                                     check=True, env=clean).stdout.split() for mode in ("trim", "keep")}
     assert outputs["trim"][0] == "True" and int(outputs["trim"][1]) > 200  # of the 252 MB freed

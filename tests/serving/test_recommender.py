@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from unisrec_x.serving.recommender import Recommender, RequestError, TextSettings
+from unisrec_x.serving.recommender import KnownItemsError, Recommender, RequestError, TextSettings
 from unisrec_x.model.unisrec import UniSRec
 from tests.conftest import assert_close_f32
 from tests.serving.conftest import HELD_OUT, SAME_FILAMENT
@@ -161,8 +161,8 @@ assert not any(name.startswith('unisrec_x') for name in sys.modules), 'export ne
     scores = np.load(tmp_path / "scores.npy")
     assert scores.shape == (3, recommender.num_items)
     assert_close_f32(scores, expected)  # numpy's BLAS vs torch's: relative to the scores' scale
-    ids = (out / "item_ids.txt").read_text().splitlines()
-    assert ids == recommender.item_tokens
+    ids = json.loads((out / "item_ids.json").read_text())
+    assert ids == recommender.item_tokens == (out / "item_ids.txt").read_text().splitlines()  # plain ids: both
     assert json.loads((out / "manifest.json").read_text())["items"] == recommender.num_items
 
 
@@ -200,6 +200,8 @@ def test_broken_model_directories_are_named(recommender, tmp_path):
     from unisrec_x.errors import DataError
 
     model = recommender.save(tmp_path / "model")
+    manifest = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**manifest, "checksums": None}))  # the reader's own check, not the sum
     np.save(model / "item_features.npy", np.zeros((3, 384), np.float32))
     with pytest.raises(DataError, match=r"item_features.npy.*has shape \(3, 384\), expected"):
         Recommender.from_checkpoint(model)
@@ -250,6 +252,41 @@ def test_invalid_ids_are_refused_before_anything_changes(token, why, monkeypatch
     assert refused.value.items == [token.encode("utf-8", "backslashreplace").decode()]
     assert encoder.passes == [] and rec.num_items == 5 and rec.table.shape[0] == 6
     assert rec.recommend([["a", "b"]], k=5) == expected
+
+
+@pytest.mark.parametrize("token, why", [
+    ("a\x85b", r"line break or other control character \(U\+0085\)"),  # str.splitlines() splits there
+    ("a\u2028b", r"line break .*\(U\+2028\)"), ("a\u2029b", r"line break .*\(U\+2029\)"),
+    ("\u200b", r"made only of invisible characters \(U\+200B\)"), ("\u00ad", r"invisible characters \(U\+00AD\)"),
+    ("\u200b\u2060\u00ad", "made only of invisible characters"), ("\u3164", "made only of invisible characters"),
+    (" a", "starts or ends with white space"), ("a\u00a0", "starts or ends with white space"),
+    ("a\u200b", "or an invisible character"),
+    ("cafe\u0301", r"not in Unicode NFC form \(composed, as 'caf\\xe9'\)"),
+    ("x" * 600_000, r"600,000 characters long \(at most 256\)"),
+])
+def test_ids_that_split_lines_show_nothing_or_look_like_others_are_refused(token, why, monkeypatch):
+    rec = _tiny()
+    encoder = VectorPerText()
+    monkeypatch.setattr(rec, "text_encoder", lambda: encoder)
+    with pytest.raises(RequestError, match=f"^1 invalid item id\\(s\\): '.*': .*{why}") as refused:
+        rec.add_items({"fine": "a good text", token: "another good text"})
+    assert len(str(refused.value)) < 400 and len(refused.value.items[0]) < 400  # a long id is not echoed whole
+    assert encoder.passes == [] and rec.num_items == 5
+    assert rec.add_items({"caf\u00e9 au lait": "ok", "n\u200dm": "ok", "日本": "ok", "a b": "ok"})  # all still fine
+
+
+def test_an_id_equal_to_a_catalog_id_after_nfc_is_refused_saying_so(monkeypatch):
+    torch.manual_seed(0)
+    net = UniSRec(num_items=2, plm_dim=8, hidden_dim=6, n_heads=2, inner_dim=8, max_seq_len=4, n_experts=2)
+    features = torch.randn(3, 8)
+    rec = Recommender(net, ["cafe\u0301", "tea"], ["Coffee", "Tea"], features, TextSettings("unused"),
+                      aliases={"\u212b": "tea"})  # a dataset's ids: decomposed e + accent, and the Angstrom sign
+    monkeypatch.setattr(rec, "text_encoder", lambda: VectorPerText())
+    with pytest.raises(KnownItemsError, match=r"^2 item\(s\) already in the catalog in another Unicode form: "
+                                              r"caf\u00e9 \(as 'cafe\\u0301', the same after NFC normalisation\), "
+                                              r"\u00c5 \(as '\\u212b', the same") as refused:
+        rec.add_items({"caf\u00e9": "Coffee again", "\u00c5": "a clash through the alias"})
+    assert refused.value.items == ["caf\u00e9", "\u00c5"] and rec.num_items == 2
 
 
 def test_lone_surrogates_in_histories_or_texts_are_request_errors(monkeypatch):

@@ -6,6 +6,7 @@ every guard is exercised on the real process.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -228,6 +229,9 @@ def test_every_error_answer_has_the_error_shape(server, method, path, body, stat
     (["--threads", "-1"], "--threads must be at least 1, got -1"),
     (["--max_items", "0"], "--max_items must be at least 1, got 0"),
     (["--max_wait_ms", "nan"], "--max_wait_ms must be a finite number"),
+    (["--body_timeout_s", "0"], "--body_timeout_s must be a finite number of seconds above 0, got 0.0"),
+    (["--body_timeout_s", "inf"], "--body_timeout_s must be a finite number of seconds above 0"),
+    (["--max_connections", "0"], "--max_connections must be at least 1, got 0"),
     (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: set --token"),
 ])
 def test_serve_refuses_bad_settings_in_one_line_before_loading(flags, says, tmp_path, monkeypatch, capsys):
@@ -264,3 +268,193 @@ def test_a_server_fault_answers_500_in_the_error_shape_and_changes_nothing(monke
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
     assert rec.num_items == 5
+
+
+def _tiny_app(**settings):
+    """The service around a five-item model (items a..e) whose text encoder is a stand-in: no model to load."""
+    from tests.serving.test_recommender import VectorPerText, _tiny
+    from unisrec_x.serving.service import create_app
+
+    rec = _tiny()
+    encoder = VectorPerText()
+    rec.text_encoder = lambda: encoder
+    return rec, create_app(rec, **settings)
+
+
+@pytest.mark.parametrize("behind", ["root_path", "mount"])
+def test_the_token_guards_items_behind_a_root_path_or_a_mount_prefix(behind):
+    """``uvicorn --root-path /rec`` and ``mount("/rec", app)`` both put the prefix into scope["path"];
+    a check of the path string let ``POST /rec/items`` through without a token."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    rec, app = _tiny_app(token=TOKEN)
+    if behind == "root_path":
+        client = TestClient(app, root_path="/rec")
+    else:
+        client = TestClient(Starlette(routes=[Mount("/rec", app)], lifespan=lambda _: app.router.lifespan_context(app)))
+    body = {"items": {"new": "a new listing"}}
+    with client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = client.post("/rec/items", json=body, headers=headers)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            assert "token" in refused.json()["error"] and rec.num_items == 5
+        added = client.post("/rec/items", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert added.status_code == 201 and rec.num_items == 6
+        assert client.post("/rec/recommend", json={"history": ["a"], "k": 2}).status_code == 200
+        assert client.get("/rec/health").status_code == 200
+
+
+@pytest.mark.parametrize("content, content_type", [
+    (b'{"items": {"new": ', "application/json"),  # malformed
+    (b'{"items": {"new": "' + b"x" * 70_000 + b'"}}', "application/json"),  # over max_body_bytes
+    (b'{"items": ["new"]}', "application/json"),  # wrong type
+    (b"items=new", "application/x-www-form-urlencoded"),  # not JSON
+])
+def test_items_without_the_token_get_401_whatever_the_body(content, content_type):
+    from starlette.testclient import TestClient
+
+    rec, app = _tiny_app(token=TOKEN, max_body_bytes=65536)
+    response = TestClient(app).post("/items", content=content, headers={"content-type": content_type})
+    assert response.status_code == 401 and "token" in response.json()["error"]
+    assert rec.num_items == 5
+
+
+def test_items_without_the_token_are_refused_before_the_body_is_read():
+    import asyncio
+
+    _, app = _tiny_app(token=TOKEN, max_body_bytes=1024)
+    reads, sent = [], []
+
+    async def endless_body():
+        reads.append(1)
+        return {"type": "http.request", "body": b"[" * 4096, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/items", "raw_path": b"/items", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000)}
+    asyncio.run(app(scope, endless_body, send))
+    assert reads == [] and sent[0]["status"] == 401
+    assert (b"connection", b"close") in sent[0]["headers"]  # the unread rest is not left to trickle in
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a socket timeout fails the test)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_body_sent_too_slowly_gets_408_and_its_connection_closed(caplog):
+    """A few clients trickle a byte of body every 0.25 s against a real uvicorn with serve's limits and
+    a body timeout of 2 s: each gets 408 at 2 s (total time, so trickling never extends it) and is
+    disconnected; others are answered meanwhile, and one that hangs up mid-body logs no error.
+    (200 trickling connections all stayed open past 40 s.)"""
+    import json
+    import select
+    import threading
+
+    import uvicorn
+
+    from unisrec_x.serving.commands import serve_parser, uvicorn_options
+
+    _, app = _tiny_app(body_timeout_s=2.0)
+    port = _free_port()
+    options = uvicorn_options(serve_parser().parse_args(["--ckpt", "unused", "--port", str(port)]))
+    server = uvicorn.Server(uvicorn.Config(app, **options, log_config=None, log_level=None))  # no logging changed
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        assert server.started
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            slow.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as quitter:
+            quitter.sendall(b"POST /items HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+        start, answers, answered_after = time.monotonic(), {}, []
+        while len(answers) < len(slow) and time.monotonic() - start < 6:
+            waiting = [sock for sock in slow if sock not in answers]
+            if time.monotonic() - start < 1.5:  # trickle, then stop well before the deadline: a byte sent
+                for sock in waiting:           # after the server closed would be answered by a reset
+                    sock.sendall(b" ")
+            for sock in select.select(waiting, [], [], 0.25)[0]:
+                answers[sock] = _read_until_closed(sock)
+                answered_after.append(time.monotonic() - start)
+        assert len(answers) == len(slow)
+        assert all(1.9 < after < 3.2 for after in answered_after), answered_after  # 2 s since the last byte: 3.5 s
+        for raw in answers.values():
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+            assert "not received within 2 s" in json.loads(body)["error"]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            health = client.get("/health")
+            assert health.status_code == 200 and "connection" not in health.headers  # kept alive
+            assert client.post("/recommend", json={"history": ["a"], "k": 2}).status_code == 200
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        for sock in slow:
+            sock.close()
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"history": ["a"], "k": "3"}, 'k: Input should be a valid integer (got "3")'),
+    ({"history": ["a"], "k": True}, "k: Input should be a valid integer (got true)"),
+    ({"history": ["a"], "k": 2.0}, "k: Input should be a valid integer (got 2.0)"),
+    ({"history": ["a"], "k": 2, "exclude_seen": "yes"}, 'exclude_seen: Input should be a valid boolean (got "yes")'),
+    ({"history": ["a"], "k": 2, "exclude_seen": 1}, "exclude_seen: Input should be a valid boolean (got 1)"),
+    ({"history": ["a", 2], "k": 2}, "history.1: Input should be a valid string (got 2)"),
+])
+def test_request_fields_are_strict_json_types(body, says):
+    """``"k": "3"``, ``true``, ``2.0`` and ``"exclude_seen": "yes"`` were coerced while integer ids were refused."""
+    from starlette.testclient import TestClient
+
+    _, app = _tiny_app()
+    with TestClient(app) as client:
+        response = client.post("/recommend", json=body)
+        assert response.status_code == 422 and says in response.json()["error"]
+        assert client.post("/recommend", json={"history": ["a"], "k": 3, "exclude_seen": True}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_no_generated_api_pages(path):
+    """Unknown paths are 404, and the API is described in the README, not advertised on an open port."""
+    from starlette.testclient import TestClient
+
+    _, app = _tiny_app()
+    response = TestClient(app).get(path)
+    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+
+
+@pytest.mark.parametrize("path, content, as_json", [
+    ("/recommend", b'{"history": ["a"], "k": 2}', [200, 200]),
+    ("/items", b'{"items": {"new": "a text"}}', [201, 409]),  # added, then already there
+])
+def test_a_body_that_is_not_declared_json_gets_415_saying_what_to_send(path, content, as_json):
+    """A text/plain or form body got a 422 that never said to send JSON."""
+    from starlette.testclient import TestClient
+
+    rec, app = _tiny_app(token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app, headers=auth) as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            response = client.post(path, content=content, headers={"content-type": content_type})
+            assert response.status_code == 415 and rec.num_items == 5
+            assert "Content-Type: application/json" in response.json()["error"]
+        statuses = [client.post(path, content=content, headers={"content-type": content_type} if content_type else {})
+                    .status_code for content_type in ("application/json; charset=utf-8", None)]  # declared or not
+        assert statuses == as_json

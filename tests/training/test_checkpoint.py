@@ -115,3 +115,18 @@ def test_state_dict_with_values_other_than_tensors_is_refused(tmp_path):
     torch.save({"state_dict": {"net.encoder.position.weight": 3, 7: torch.zeros(1)}}, path)
     with pytest.raises(DataError, match=r"odd.ckpt: state_dict holds entries that are not named tensors: 'net.encoder"):
         load_pretrained(UniSRec(num_items=30, **DIMS), path)
+
+
+def test_a_refused_pickle_says_why_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hook": Payload()}, evil)
+    with pytest.raises(DataError) as err:
+        load_pretrained(UniSRec(num_items=30, **DIMS), evil)
+    message = str(err.value)
+    assert message == (f"{evil}: checkpoint holds objects other than tensors and plain values (exec), "
+                       "which could run code when loaded; refused")
+    assert "weights_only" not in message and "\x1b" not in message  # torch's advice (and its terminal colours)

@@ -30,8 +30,8 @@ class AtomicTable:
         return self.columns[name]
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode(path: Path, raw: bytes | None = None) -> str:
+    raw = path.read_bytes() if raw is None else raw
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -63,6 +63,7 @@ def read_atomic(
     required: Sequence[str] = (),
     names: Sequence[str] | None = None,
     typed_header: bool = True,
+    raw: bytes | None = None,
 ) -> AtomicTable:
     """Read an atomic file, checking every row.
 
@@ -72,11 +73,12 @@ def read_atomic(
         names: for headerless files (``.item2index``), the column names; every column is a token.
         typed_header: ``False`` reads a plain header (``user_id<TAB>item_id``, as in ReChorus'
             CSVs) whose columns are all tokens.
+        raw: the file's bytes, already read (e.g. through a directory handle); ``path`` then only names it.
     """
     path = Path(path)
-    if not path.is_file():
+    if raw is None and not path.is_file():
         raise DataError("file not found", path)
-    text = _decode(path)
+    text = _decode(path, raw)
     rows = text.split("\n")
     if rows and rows[-1] == "":
         rows.pop()

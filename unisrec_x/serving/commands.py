@@ -17,13 +17,15 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) or model directory")
     parser.add_argument("--data_root", default=None, help="data root for a checkpoint's dataset (default: "
                         "$UNISREC_X_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--journal", default=None, help="journal of the items `serve` added, replayed on load "
+                        "(default: added-items.jsonl inside a model directory, CKPT.items.jsonl beside a checkpoint)")
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, record: bool = False):
     from unisrec_x.serving.recommender import Recommender
 
-    return Recommender.from_checkpoint(args.ckpt, args.data_root)
+    return Recommender.from_checkpoint(args.ckpt, args.data_root, args.journal, record)
 
 
 def _run(body, words: list[str]) -> int:
@@ -79,10 +81,13 @@ def add_items(words: list[str]) -> int:
             header = read_atomic(path, required=["item_id"])
             fields = ["text"] if "text" in header.fields else ["title"]
         items = read_item_fields(path, fields)
+        from unisrec_x.serving.journal import model_locks
+
         check_output_path(args.out, MODEL_DIR, args.overwrite)  # refuse before minutes of loading and encoding
-        recommender = _load(args)
-        added = recommender.add_items(items)
-        out = recommender.save(args.out, overwrite=args.overwrite)
+        with model_locks(args.ckpt, args.out):  # read-modify-write: a second add-items or a server's append waits
+            recommender = _load(args)
+            added = recommender.add_items(items)
+            out = recommender.save(args.out, overwrite=args.overwrite)
         print(f"added {len(added)} items; {recommender.num_items} items in {out}")
 
     return _run(body, words)
@@ -107,7 +112,7 @@ def export(words: list[str]) -> int:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from unisrec_x.serving.service import MAX_BODY_BYTES, MAX_ITEMS, MAX_TEXT_CHARS, TOKEN_ENV
+    from unisrec_x.serving.service import BODY_TIMEOUT_S, MAX_BODY_BYTES, MAX_ITEMS, MAX_TEXT_CHARS, TOKEN_ENV
 
     parser = _parser("serve", "Serve POST /recommend, POST /items and GET /health over HTTP.")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only; any other "
@@ -121,7 +126,21 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
     parser.add_argument("--max_items", type=int, default=MAX_ITEMS, help="most items one POST /items may add")
     parser.add_argument("--max_text_chars", type=int, default=MAX_TEXT_CHARS, help="longest item text accepted")
+    parser.add_argument("--body_timeout_s", type=float, default=BODY_TIMEOUT_S,
+                        help="seconds a client has to send a request body once its headers are in (else 408)")
+    parser.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections and requests in progress beyond which uvicorn answers 503")
     return parser
+
+
+MAX_CONNECTIONS = 256  # uvicorn's own default is no limit
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn's settings for ``serve``: its defaults leave connections and requests unbounded."""
+    return {"host": args.host, "port": args.port, "limit_concurrency": args.max_connections,
+            "timeout_keep_alive": KEEP_ALIVE_S}
 
 
 def _is_loopback(host: str) -> bool:
@@ -143,12 +162,16 @@ def _serve_settings(args: argparse.Namespace) -> str | None:
 
     if not 1 <= args.port <= 65535:
         raise DataError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag in ("threads", "max_batch", "max_body_bytes", "max_items", "max_text_chars"):
+    for flag in ("threads", "max_batch", "max_body_bytes", "max_items", "max_text_chars", "max_connections"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise DataError(f"--{flag} must be at least 1, got {value}")
     if not 0 <= args.max_wait_ms < float("inf"):  # NaN too
         raise DataError(f"--max_wait_ms must be a finite number of 0 or more, got {args.max_wait_ms}")
+    if not 0 < args.body_timeout_s < float("inf"):
+        raise DataError(f"--body_timeout_s must be a finite number of seconds above 0, got {args.body_timeout_s}")
+    if args.journal is not None and not Path(args.journal).absolute().parent.is_dir():
+        raise DataError("--journal: its folder does not exist (name a file in an existing folder)", args.journal)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if token is None and not _is_loopback(args.host):
         raise DataError(f"--host {args.host} is reachable from other machines: set --token (or ${TOKEN_ENV}) "
@@ -160,6 +183,8 @@ def serve(words: list[str]) -> int:
     parser = serve_parser()
 
     def body(words: list[str]) -> None:
+        import os
+
         import torch
         import uvicorn
 
@@ -169,10 +194,18 @@ def serve(words: list[str]) -> int:
         token = _serve_settings(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        app = create_app(_load(args), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token=token,
+        recommender = _load(args, record=True)
+        journal = recommender.journal.path
+        if os.access(journal if journal.exists() else journal.parent, os.W_OK):
+            log.info("items added through POST /items are journaled in %s until add-items or save takes them in",
+                     journal)
+        else:
+            log.warning("%s cannot be written, so POST /items will answer 503; pass --journal PATH to keep added "
+                        "items elsewhere", journal)
+        app = create_app(recommender, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, token=token,
                          max_body_bytes=args.max_body_bytes, max_items=args.max_items,
-                         max_text_chars=args.max_text_chars)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                         max_text_chars=args.max_text_chars, body_timeout_s=args.body_timeout_s)
+        uvicorn.run(app, **uvicorn_options(args), log_level="warning")
 
     return _run(body, words)
 

@@ -1,18 +1,23 @@
 """Export for serving stacks without this package: numpy item matrix + TorchScript query encoder.
 
     item_vectors.npy     (N, D) float32, row r is item r + 1 (scores = query @ item_vectors.T)
-    item_ids.txt         N lines, the item token of each row
+    item_ids.json        JSON array of the N item ids, one per row (non-ASCII characters \\u-escaped)
+    item_ids.txt         the same ids, one per line: written only when no id could be split by a line
+                         reader (no line break of any kind, no white space at either end)
     query_encoder.pt     TorchScript: (item_seq (B, L) int64 ids 1..N, 0 = right padding,
                          seq_len (B,)) -> query (B, D); the item table is inside
-    manifest.json        format "unisrec-x-export", shapes, similarity, how to score
+    manifest.json        format "unisrec-x-export", shapes, similarity, how to score, which id files
 
-Load with ``torch.jit.load`` and ``numpy.load``; nothing from unisrec_x is imported.
+Load with ``torch.jit.load``, ``numpy.load`` and ``json.load``; nothing from unisrec_x is imported.
+A text file read with ``splitlines()`` splits an id at U+0085, U+2028 or U+2029 (ids of older models,
+or of a dataset, may hold them), so the JSON list is the one that always has N entries.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +31,8 @@ from unisrec_x.runtime.outputs import OutputKind, atomic_directory
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
+
+log = logging.getLogger(__name__)
 
 
 class QueryEncoder(nn.Module):
@@ -45,7 +52,12 @@ class QueryEncoder(nn.Module):
 
 
 EXPORT = OutputKind("export folder", "manifest.json", "unisrec-x-export",
-                    frozenset({"item_vectors.npy", "item_ids.txt", "query_encoder.pt", "manifest.json"}))
+                    frozenset({"item_vectors.npy", "item_ids.json", "item_ids.txt", "query_encoder.pt", "manifest.json"}))
+
+
+def line_safe(token: str) -> bool:
+    """``token`` survives a one-id-per-line UTF-8 file: ``splitlines()`` and ``strip()`` give it back whole."""
+    return token.splitlines() == [token] and token == token.strip() and token.encode("utf-8", "replace").decode() == token
 
 
 def export(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
@@ -54,14 +66,22 @@ def export(recommender: "Recommender", directory: Path, overwrite: bool = False)
     module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(),
                           net.similarity == "cosine", float(net.temperature)).eval()
     scripted = torch.jit.script(module)
+    tokens = recommender.item_tokens
+    id_files = ["item_ids.json"] + ["item_ids.txt"] * all(map(line_safe, tokens))
+    if len(id_files) == 1:
+        log.warning("some item ids hold a line break or end in white space: item_ids.txt is not written, "
+                    "read the ids from item_ids.json")
     with atomic_directory(directory, EXPORT, overwrite) as tmp:
         np.save(tmp / "item_vectors.npy", recommender.item_vectors())
-        (tmp / "item_ids.txt").write_text("".join(f"{t}\n" for t in recommender.item_tokens))
-        scripted.save(str(tmp / "query_encoder.pt"))
+        (tmp / "item_ids.json").write_text(json.dumps(tokens, ensure_ascii=True))
+        if "item_ids.txt" in id_files:
+            (tmp / "item_ids.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+        # to a buffer first: torch's writer aborts the process (SIGABRT) when a write to its file fails (disk full)
+        (tmp / "query_encoder.pt").write_bytes(scripted.save_to_buffer())
         (tmp / "manifest.json").write_text(json.dumps({
             "format": EXPORT.format, "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
-            "max_history": recommender.max_history, "similarity": net.similarity,
+            "max_history": recommender.max_history, "similarity": net.similarity, "item_ids": id_files,
             "scoring": "scores = query_encoder(item_seq, seq_len) @ item_vectors.T; "
-                       "item_seq holds 1-based rows of item_ids.txt, right-padded with 0",
+                       "item_seq holds 1-based positions in item_ids.json, right-padded with 0",
         }, indent=2))
     return Path(directory).resolve()

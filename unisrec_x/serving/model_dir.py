@@ -13,16 +13,27 @@ after training:
                         allow_pickle=False; any float dtype or byte order becomes native float32)
     item_codes.npy      models with item codes: (N, digits + 1) int16 codes of items 1..N
     quantizer.faiss     ... and the faiss quantizer that gives new items their codes
+
+``model.json`` also records the sha256 of every other file (``checksums``: a damaged or edited file is
+refused, not loaded) and a text fingerprint (``text_fingerprint``: a few items whose stored vectors the
+text encoder must reproduce before new items are encoded). Directories written before either still load.
+All files are opened through one directory handle before any is read, so a directory replaced meanwhile
+(``--overwrite``) is read whole, the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
+import os
+import stat
+import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -30,21 +41,38 @@ import torch
 from unisrec_x.items.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, checked_state, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError, first_line
-from unisrec_x.items.encoder import TextSettings
+from unisrec_x.items.encoder import TextSettings, encoder_identity
 from unisrec_x.training.checkpoint import net_state, read_checkpoint, read_state_dict
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.runtime.outputs import OutputKind, atomic_directory
 from unisrec_x.runtime.typed_args import checked_args, exact_keys, type_ok
 
 if TYPE_CHECKING:
+    from unisrec_x.items.encoder import TextEncoder
     from unisrec_x.serving.recommender import Recommender
+
+log = logging.getLogger(__name__)
 
 FORMAT = "unisrec-x-model"
 VERSION = 1
+def _model_dir_files(manifest: dict) -> set[str]:
+    """The files a model directory with this manifest holds: ``--overwrite`` replaces nothing else
+    (runtime/outputs.py). Its checksums list them; older manifests: code files only where it records codes."""
+    checksums = manifest.get("checksums")
+    if isinstance(checksums, dict):
+        return {"model.json", "added-items.jsonl", *checksums}
+    return set(MODEL_DIR.files) - ({"item_codes.npy", "quantizer.faiss"} if manifest.get("codes") is None else set())
+
+
 MODEL_DIR = OutputKind("model directory", "model.json", FORMAT,
                       frozenset({"model.json", "weights.pt", "items.item", "item_features.npy", "item_codes.npy",
-                                 "quantizer.faiss"}))
+                                 "quantizer.faiss",
+                                 "added-items.jsonl"}),  # serving/journal.py: items a server added since
+                      expected=_model_dir_files)
 ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq"), ("alias", "token")]
+CHECKSUMMED = ("weights.pt", "items.item", "item_features.npy", "item_codes.npy", "quantizer.faiss")
+MIN_COSINE = 0.999  # a re-encoded stored item vs its stored vector (bfloat16 vs float32 stays above it)
+MIN_CODE_AGREEMENT = 0.9  # models without stored vectors: share of code digits that must come out again
 
 
 def _hparams(checkpoint: dict, key: str, path: Path) -> dict:
@@ -64,6 +92,17 @@ class ModelParts(NamedTuple):
     text: TextSettings | None
     aliases: dict[str, str]
     item_codes: ItemCodes | None
+    text_fingerprint: "TextFingerprint | None" = None
+
+
+class TextFingerprint(NamedTuple):
+    """Items whose stored vectors the text encoder must reproduce before it encodes new ones, and a hash of
+    the text settings and their texts at save time (it tells an edited model.json from a changed encoder).
+    No items: a directory written before fingerprints, whose settings cannot be verified."""
+
+    items: tuple[str, ...]
+    sha256: str
+    manifest: Path
 
 
 def load_checkpoint(path: Path, data_root: str | None) -> ModelParts:
@@ -126,32 +165,130 @@ def _load_weights(net: UniSRec, state: dict, path: Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
-MANIFEST_KEYS = ("format", "version", "net", "text", "items", "codes")  # exactly what save_model_dir writes
-OPTIONAL_KEYS = ("codes",)  # absent in directories written before item codes existed
+MANIFEST_KEYS = ("format", "version", "net", "text", "items", "codes", "checksums", "text_fingerprint")  # save_model_dir's
+OPTIONAL_KEYS = ("codes", "checksums", "text_fingerprint")  # absent in directories written before they existed
+_DIR_FD = hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd
+_OPEN_TRIES = 20
 
 
 def load_model_dir(directory: Path) -> ModelParts:
     """A model directory's parts; every file is checked, and a problem is a DataError naming it."""
+    directory = Path(directory)
+    files = _open_files(directory)
+    try:
+        return _load_opened(directory, files)
+    finally:
+        for handle in files.values():
+            handle.close()
 
+
+def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
     manifest_path = directory / "model.json"
-    manifest = _read_manifest(manifest_path, directory)
+    manifest = _read_manifest(manifest_path, directory, files.get("model.json"))
     try:
         net = UniSRec(**checked_args(manifest["net"], UniSRec.__init__, "net", manifest_path))
     except ValueError as err:  # sizes out of range, hidden_dim not divisible by n_heads, ...
         raise DataError(f"net: {err}", manifest_path) from None
-    _load_weights(net, read_state_dict(directory / "weights.pt"), directory / "weights.pt")
-    tokens, texts, aliases = _read_items(directory / "items.item")
+    needed = (["weights.pt", "items.item"] + ["item_features.npy"] * net.use_text
+              + ["item_codes.npy", "quantizer.faiss"] * net.use_codes)
+    _check_sums(directory, files, manifest.get("checksums"), needed)
+    weights = files.get("weights.pt")
+    if weights is None:
+        raise DataError("checkpoint not found", directory / "weights.pt")
+    _load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
+    tokens, texts, aliases = _read_items(directory / "items.item", files.get("items.item"))
     if manifest["items"] != len(tokens) or (net.use_item_id and net.num_items != len(tokens)):
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
-    features = _read_features(directory / "item_features.npy", tokens, net.plm_dim) if net.use_text else None
-    codes = _read_codes(directory, manifest.get("codes"), net, len(tokens), features) if net.use_codes else None
+    features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, net.plm_dim)
+                if net.use_text else None)
+    codes = _read_codes(directory, files, manifest.get("codes"), net, len(tokens), features) if net.use_codes else None
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
-    return ModelParts(net, tokens, texts, features, text, aliases, codes)
+    fingerprint = None
+    if text is not None and (net.use_text or net.use_codes):
+        fingerprint = _read_fingerprint(manifest.get("text_fingerprint"), set(tokens), manifest_path)
+    return ModelParts(net, tokens, texts, features, text, aliases, codes, fingerprint)
 
 
-def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, features: torch.Tensor | None) -> ItemCodes:
+def _open_files(directory: Path) -> dict[str, BinaryIO]:
+    """The files ``load_model_dir`` reads, all opened before any is read, all of one version of the directory.
+
+    ``--overwrite`` swaps a new directory in whole (``atomic_directory``), then deletes the old one: files
+    opened one by one as the load goes could come from both (99 of 802 loads under a writer in a loop were
+    mixed). Opened through one directory handle, they all belong to the directory it holds, whatever the
+    path names meanwhile; when that directory was swapped out before all were open (its deletion may have
+    taken some), they are opened again. Where ``dir_fd`` is missing, the directory's identity (device,
+    inode) before and after the opening tells whether it changed.
+    """
+    files: dict[str, BinaryIO] = {}
+    for attempt in range(_OPEN_TRIES):
+        files, handle = {}, None
+        try:
+            handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY) if _DIR_FD else None
+            identity = _identity(os.fstat(handle) if handle is not None else os.stat(directory))
+            for name in ("model.json", *CHECKSUMMED):
+                try:
+                    fd = (os.open(name, os.O_RDONLY, dir_fd=handle) if handle is not None
+                          else os.open(directory / name, os.O_RDONLY))
+                except FileNotFoundError:
+                    continue  # named by its reader, if the model needs it
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # e.g. a folder under that name: as good as missing
+                    os.close(fd)
+                    continue
+                files[name] = os.fdopen(fd, "rb")
+            if _identity(os.stat(directory)) == identity:
+                return files
+        except (FileNotFoundError, NotADirectoryError):  # the path is missing for a moment (the fallback swap)
+            pass
+        finally:
+            if handle is not None:
+                os.close(handle)
+        if attempt + 1 < _OPEN_TRIES:
+            for opened in files.values():
+                opened.close()
+            time.sleep(0.001 * attempt)
+    if _DIR_FD:
+        return files  # one directory's files still; any it lost are named as missing
+    for opened in files.values():
+        opened.close()
+    raise DataError("the model directory kept changing while it was read (is another process replacing it?); "
+                    "try again", directory)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _sha256(handle: BinaryIO) -> str:
+    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    handle.seek(0)
+    return digest
+
+
+def _check_sums(directory: Path, files: dict[str, BinaryIO], sums: object, needed: Sequence[str]) -> None:
+    """Every file the model reads against the sha256 that model.json records, before any is parsed (damaged
+    bytes never reach torch, numpy or faiss). A directory written before checksums has none to check."""
+    if sums is None:
+        return
+    manifest_path = directory / "model.json"
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise DataError("checksums must map file names to sha256 hex digests", manifest_path)
+    unknown = sorted(set(sums) - set(CHECKSUMMED))
+    if unknown:
+        raise DataError(f"checksums has unknown files {', '.join(unknown)} (expected some of {', '.join(CHECKSUMMED)})",
+                        manifest_path)
+    for name in needed:
+        if name not in files:
+            continue  # its reader names it as missing
+        if name not in sums:
+            raise DataError(f"model.json records no checksum for {name}", manifest_path)
+        if _sha256(files[name]) != sums[name]:
+            raise DataError("checksum does not match model.json (file altered or damaged)", directory / name)
+
+
+def _read_codes(directory: Path, files: dict[str, BinaryIO], settings: object, net: UniSRec, items: int,
+                features: torch.Tensor | None) -> ItemCodes:
     """The codes and quantizer of a code model, checked against its network; problems name the file."""
     manifest_path = directory / "model.json"
     if settings is None:
@@ -162,19 +299,19 @@ def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, fea
     except ValueError as err:  # e.g. codes_per_digit not a power of two
         raise DataError(f"codes: {err}", manifest_path) from None
     path = directory / "item_codes.npy"
-    if not path.is_file():
+    if "item_codes.npy" not in files:
         raise DataError("code model without item_codes.npy", path)
     try:
-        codes = np.load(path, allow_pickle=False)
+        codes = np.load(files["item_codes.npy"], allow_pickle=False)
     except Exception as err:  # truncated, object arrays, a damaged header
         raise DataError(f"item_codes.npy cannot be read as a .npy array ({first_line(err)})", path) from None
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
         raise DataError(f"item_codes.npy must hold integer codes, got {getattr(codes, 'dtype', type(codes).__name__)}", path)
     quantizer_path = directory / "quantizer.faiss"
-    if not quantizer_path.is_file():
+    if "quantizer.faiss" not in files:
         raise DataError("code model without quantizer.faiss", quantizer_path)
     try:
-        quantizer = ItemQuantizer.from_bytes(settings, quantizer_path.read_bytes())
+        quantizer = ItemQuantizer.from_bytes(settings, files["quantizer.faiss"].read())
     except Exception as err:  # faiss raises RuntimeError on anything it cannot parse
         raise DataError(f"quantizer.faiss cannot be read as a faiss index ({first_line(err)})", quantizer_path) from None
     codes = codes.astype(np.int64)
@@ -191,11 +328,11 @@ def _read_codes(directory: Path, settings: object, net: UniSRec, items: int, fea
     return loaded
 
 
-def _read_manifest(path: Path, directory: Path) -> dict:
+def _read_manifest(path: Path, directory: Path, handle: BinaryIO | None) -> dict:
     """``model.json`` as a dict with exactly ``MANIFEST_KEYS``, or a DataError saying what is wrong."""
-    if not path.is_file():
+    if handle is None:
         raise DataError("not a model directory: model.json is missing", directory)
-    raw = path.read_bytes()
+    raw = handle.read()
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -214,9 +351,11 @@ def _read_manifest(path: Path, directory: Path) -> dict:
     return manifest
 
 
-def _read_items(path: Path) -> tuple[list[str], list[str], dict[str, str]]:
+def _read_items(path: Path, handle: BinaryIO | None) -> tuple[list[str], list[str], dict[str, str]]:
     """Tokens, texts and alias -> token of ``items.item``; a repeated id or alias names its line."""
-    table = read_atomic(path, required=["item_id", "text"])
+    if handle is None:
+        raise DataError("file not found", path)
+    table = read_atomic(path, required=["item_id", "text"], raw=handle.read())
     tokens, texts = table.column("item_id"), table.column("text")
     alias_column = table.column("alias") if "alias" in table.fields else [""] * len(tokens)
     first_line: dict[tuple[str, str], int] = {}
@@ -229,12 +368,12 @@ def _read_items(path: Path) -> tuple[list[str], list[str], dict[str, str]]:
     return tokens, texts, {a: t for a, t in zip(alias_column, tokens) if a}
 
 
-def _read_features(path: Path, tokens: Sequence[str], plm_dim: int) -> torch.Tensor:
+def _read_features(path: Path, handle: BinaryIO | None, tokens: Sequence[str], plm_dim: int) -> torch.Tensor:
     """``(N + 1, plm_dim)`` text vectors: any float dtype and byte order, converted to native float32; all finite."""
-    if not path.is_file():
+    if handle is None:
         raise DataError("text model without item_features.npy", path)
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(handle, allow_pickle=False)
     except Exception as err:  # truncated, header-only, object arrays, a damaged header (ValueError, EOFError, TokenError...)
         raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({first_line(err)})", path) from None
     if not isinstance(array, np.ndarray):  # an .npz archive under this name
@@ -255,6 +394,77 @@ def _read_features(path: Path, tokens: Sequence[str], plm_dim: int) -> torch.Ten
     return torch.from_numpy(array)
 
 
+# --- text fingerprint -----------------------------------------------------------------------------
+
+
+def _read_fingerprint(given: object, tokens: set[str], manifest_path: Path) -> TextFingerprint:
+    if given is None:
+        return TextFingerprint((), "", manifest_path)  # written before fingerprints: unverified
+    if (not isinstance(given, dict) or set(given) != {"items", "sha256"} or not isinstance(given["sha256"], str)
+            or not isinstance(given["items"], list) or not given["items"]
+            or not all(isinstance(t, str) and t in tokens for t in given["items"])):
+        raise DataError("text_fingerprint must be {\"items\": [ids of stored items], \"sha256\": \"...\"}", manifest_path)
+    return TextFingerprint(tuple(given["items"]), given["sha256"], manifest_path)
+
+
+def _settings_digest(text: TextSettings, texts: Sequence[str]) -> str:
+    """What makes a text's vector: the encoder (its version, if packaged), pooling, token limit, precision."""
+    try:
+        identity = encoder_identity(text.encoder)
+    except Exception:  # the packaged encoder not installed here: its name stands for it
+        identity = text.encoder
+    key = [identity, text.pooling, text.max_tokens, text.precision, list(texts)]
+    return hashlib.sha256(json.dumps(key, ensure_ascii=True).encode()).hexdigest()
+
+
+def _fingerprint(recommender: "Recommender") -> dict | None:
+    """Up to three stored items: the first, the last and the one with the longest text (a shorter token
+    limit changes its vector), with the digest of the settings and their texts."""
+    net, texts = recommender.net, recommender.item_texts
+    if recommender.text is None or not (net.use_text or net.use_codes) or not texts:
+        return None
+    rows = sorted({0, len(texts) - 1, max(range(len(texts)), key=lambda i: len(texts[i]))})
+    return {"items": [recommender.item_tokens[r] for r in rows],
+            "sha256": _settings_digest(recommender.text, [texts[r] for r in rows])}
+
+
+def verify_text_encoder(recommender: "Recommender", encoder: "TextEncoder") -> None:
+    """Refuse an encoder that does not give the fingerprint's items their stored vectors again: new items
+    would be encoded unlike the catalog (pooling ``mean`` for ``cls`` gave cosine 0.34 and ranked a copy
+    of an item last). Runs once, when ``add_items`` loads the encoder anyway."""
+    fingerprint: TextFingerprint | None = recommender.text_fingerprint
+    if fingerprint is None:
+        return
+    if not fingerprint.items:
+        log.warning("%s: no text fingerprint (written by an older unisrec-x), so its text settings are not "
+                    "verified; new items may be encoded unlike the stored ones", fingerprint.manifest)
+        return
+    rows = [recommender.token_to_id[t] for t in fingerprint.items]
+    texts = [recommender.item_texts[r - 1] for r in rows]
+    fresh = np.asarray(encoder.encode(texts), dtype=np.float32)
+    if recommender.net.use_text:
+        stored = recommender.net.item_features[rows].numpy()
+        norms = np.linalg.norm(fresh, axis=1) * np.linalg.norm(stored, axis=1)
+        cosine = (fresh * stored).sum(1) / np.maximum(norms, 1e-12)
+        worst = int(cosine.argmin())
+        if cosine[worst] > MIN_COSINE:
+            return
+        found = (f"cosine {cosine[worst]:.3f} to the stored vector of item {fingerprint.items[worst]!r}, "
+                 f"expected > {MIN_COSINE}")
+    else:  # codes only: no vectors are stored, but their codes must come out again
+        codes = recommender.item_codes.quantizer.encode(fresh)
+        agreement = float((codes == recommender.item_codes.codes[np.array(rows) - 1, :codes.shape[1]]).mean())
+        if agreement >= MIN_CODE_AGREEMENT:
+            return
+        found = f"{agreement:.0%} of their code digits come out again, expected at least {MIN_CODE_AGREEMENT:.0%}"
+    if _settings_digest(recommender.text, texts) != fingerprint.sha256:
+        why = "its text settings (encoder, pooling, max_tokens, precision) were changed after the items were encoded"
+    else:
+        why = f"the encoder {recommender.text.encoder!r} now computes other vectors (other weights or version?)"
+    raise DataError(f"the text encoder does not reproduce the stored items ({found}): {why}; new items would not "
+                    "be comparable with them", fingerprint.manifest)
+
+
 def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
     """Write into a sibling temp folder, then swap it in: a crash never leaves half a model.
     An existing model directory is replaced only with ``overwrite``; anything else is refused."""
@@ -265,9 +475,9 @@ def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool 
         "text": recommender.text._asdict() if recommender.text else None,
         "items": recommender.num_items,
         "codes": asdict(recommender.item_codes.settings) if recommender.item_codes is not None else None,
+        "text_fingerprint": _fingerprint(recommender),
     }
     with atomic_directory(directory, MODEL_DIR, overwrite) as tmp:
-        (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
         (tmp / "weights.pt").write_bytes(buffer.getvalue())
@@ -278,5 +488,11 @@ def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool 
         if recommender.item_codes is not None:
             np.save(tmp / "item_codes.npy", recommender.item_codes.codes.astype(np.int16))  # codes_per_digit <= 256
             (tmp / "quantizer.faiss").write_bytes(recommender.item_codes.quantizer.to_bytes())
+        manifest["checksums"] = {}
+        for name in CHECKSUMMED:
+            if (tmp / name).is_file():
+                with open(tmp / name, "rb") as written:
+                    manifest["checksums"][name] = _sha256(written)
+        (tmp / "model.json").write_text(json.dumps(manifest, indent=2))
     return Path(directory).resolve()
 

@@ -7,8 +7,10 @@ Histories and results use the dataset's own item tokens (e.g. ASINs), never inte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
@@ -21,9 +23,11 @@ from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.evaluation.ranking import DEFAULT_CHUNK, chunked_topk
 from unisrec_x.items.encoder import TextSettings
-from unisrec_x.runtime.outputs import recover
+from unisrec_x.runtime.outputs import check_output_path, recover
 from unisrec_x.serving.export import export
-from unisrec_x.serving.model_dir import MODEL_DIR, load_checkpoint, load_model_dir, save_model_dir
+from unisrec_x.serving.journal import SERVE_LOCK_WAIT, ItemJournal, default_journal, model_lock, model_locks
+from unisrec_x.serving.model_dir import (MODEL_DIR, TextFingerprint, load_checkpoint, load_model_dir, save_model_dir,
+                                         verify_text_encoder)
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,53 @@ def _is_utf8(text: object) -> bool:
     return True
 
 
+MAX_ID_CHARS = 256
+#: Characters that show nothing alone: white space, line and paragraph separators, format characters
+#: (zero-width space, soft hyphen, ...), combining marks, controls; and the Hangul fillers and braille blank.
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cf", "Cc", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _invisible(c: str) -> bool:
+    return c in _BLANK_LETTERS or unicodedata.category(c) in _INVISIBLE_CATEGORIES
+
+
+def _breaks_a_line(c: str) -> bool:
+    """``c`` ends a line for ``str.splitlines`` (\\n, \\r, \\v, \\f, \\x1c-\\x1e, \\x85, U+2028, U+2029)."""
+    return len(f"a{c}b".splitlines()) > 1
+
+
 def id_problem(token: object) -> str | None:
-    """Why ``token`` cannot be a new item id, or ``None``; ids are written to tab-separated files."""
+    """Why ``token`` cannot be a new item id, or ``None``.
+
+    Ids are written one per line and tab-separated, read back by other tools, and compared as strings:
+    so no line break of any kind (``str.splitlines`` splits at U+0085 and U+2028, which an exported
+    id list then read line by line turned into extra rows), no control character, no id that shows
+    nothing or differs from another only in white space at its ends or in its Unicode form (NFC).
+    """
     if not isinstance(token, str):
         return "not a string"
     if not token.strip():
         return "empty"
+    if len(token) > MAX_ID_CHARS:
+        return f"{len(token):,} characters long (at most {MAX_ID_CHARS})"
     if not _is_utf8(token):
         return "not valid UTF-8 (lone surrogate)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in token):
-        return "contains a tab, newline or other control character"
+    odd = next((c for c in token if _breaks_a_line(c) or unicodedata.category(c) == "Cc"), None)
+    if odd is not None:
+        return f"contains a tab, line break or other control character (U+{ord(odd):04X})"
+    if all(_invisible(c) for c in token):
+        return "made only of invisible characters (" + " ".join(f"U+{ord(c):04X}" for c in token[:5]) + ")"
+    if any(c.isspace() or unicodedata.category(c) in ("Cf", "Zs") for c in (token[0], token[-1])):
+        return "starts or ends with white space or an invisible character"
+    if not unicodedata.is_normalized("NFC", token):
+        return f"not in Unicode NFC form (composed, as {ascii(unicodedata.normalize('NFC', token))}): send that form"
     return None
+
+
+def _abridged(token: str) -> str:
+    """An id short enough to quote in a message or an error body (an over-long one was 600,000 characters)."""
+    return token if len(token) <= MAX_ID_CHARS else token[:64] + f"... ({len(token):,} characters)"
 
 
 class Recommendation(NamedTuple):
@@ -81,7 +121,7 @@ class Recommender:
     def __init__(self, net: UniSRec, item_tokens: Sequence[str], item_texts: Sequence[str],
                  item_features: torch.Tensor | None, text: TextSettings | None,
                  chunk_size: int = DEFAULT_CHUNK, aliases: Mapping[str, str] | None = None,
-                 item_codes: ItemCodes | None = None) -> None:
+                 item_codes: ItemCodes | None = None, text_fingerprint: TextFingerprint | None = None) -> None:
         """
         Args:
             net: a trained ``UniSRec`` (any variant).
@@ -94,6 +134,8 @@ class Recommender:
                 UniSRec releases index items by integers; their ``.item2index`` gives the ASINs).
             item_codes: codes of items 1..N and their quantizer, for models with item codes
                 (``use_codes``); ``add_items`` encodes new items' texts with the same quantizer.
+            text_fingerprint: stored items the text encoder must reproduce before ``add_items`` uses it
+                (a model directory's; ``None``: nothing to verify).
         """
         if len(item_tokens) != len(item_texts):
             raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
@@ -108,7 +150,12 @@ class Recommender:
         self.aliases = {a: t for a, t in (aliases or {}).items() if t in self.token_to_id and a not in self.token_to_id}
         self.alias_of = {t: a for a, t in self.aliases.items()}
         self.text, self.chunk_size = text, chunk_size
+        self.text_fingerprint = text_fingerprint
+        self._nfc_twins: dict[str, str] | None = None  # NFC form -> an id or alias not in NFC (_refuse_known)
         self.lock = threading.Lock()  # add_items swaps the tables that recommend reads
+        self._adding = threading.Lock()  # one add_items at a time from its clash check to its append
+        self.journal: ItemJournal | None = None  # replayed at load (from_checkpoint); save compacts it
+        self.journaling = False  # add_items writes new items to the journal, fsync'd, before they count (serve)
         self._text_encoder = None
         self.item_codes = item_codes if net.use_codes else None
         if net.use_text and item_features is None:
@@ -131,21 +178,48 @@ class Recommender:
         return self.net.encoder.position.num_embeddings
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, data_root: str | None = None) -> "Recommender":
+    def from_checkpoint(cls, path: str | Path, data_root: str | None = None, journal: str | Path | None = None,
+                        record: bool = False) -> "Recommender":
         """Load a Lightning checkpoint (items and text vectors come from its dataset, via the data root
-        and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``."""
+        and the feature cache) or a model directory written by ``save``/``unisrec-x add-items``.
+
+        Items a server added are replayed from the model's journal (``serving/journal.py``), so every
+        command sees the catalog the server answered with.
+
+        Args:
+            journal: where that journal is (default: inside a model directory, beside a checkpoint).
+            record: ``add_items`` writes new items to the journal, fsync'd, before returning (as
+                ``unisrec-x serve`` does), so they survive a crash; else they live in memory until ``save``.
+        """
         path = Path(path)
         recover(path.absolute(), MODEL_DIR)  # a save killed mid-swap may have left the model beside its path
+        log_of = ItemJournal(default_journal(path) if journal is None else journal, path)  # before the model is read
         parts = load_model_dir(path) if path.is_dir() else load_checkpoint(path, data_root)
-        return cls(**parts._asdict())
+        recommender = cls(**parts._asdict())
+        log_of.replay(recommender)
+        recommender.journal, recommender.journaling = log_of, record
+        return recommender
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write a self-contained model directory (weights, items, text vectors), atomically.
 
         A folder that is not a model directory written by unisrec-x is never replaced; an existing
-        model directory only with ``overwrite=True``.
+        model directory only with ``overwrite=True``. Saved over the directory it was loaded from, it
+        takes in that model's journal (which is then empty), under the lock its server appends with;
+        if a server added items there since this model was loaded, it refuses rather than drop them.
         """
-        return save_model_dir(self, directory, overwrite)
+        target = check_output_path(directory, MODEL_DIR, overwrite)  # a refused path takes no lock
+        with model_locks(target):
+            source = self.journal if self.journal is not None and self.journal.model == target else None
+            if source is not None and source.changed():
+                raise DataError("the model directory changed since this model was loaded from it (a running "
+                                "`unisrec-x serve` added items, or add-items replaced it); load it again, then "
+                                "add and save", target)
+            saved = save_model_dir(self, directory, overwrite)
+            if source is not None:
+                source.clear()  # an outside journal (--journal); one inside went with the old directory
+                source.rebase()
+        return saved
 
     def export(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the scored item matrix and a TorchScript sequence encoder, usable without this package.
@@ -223,7 +297,9 @@ class Recommender:
         new item the codes of its text (same quantizer). A transductive model has no ID embedding for a
         new item, so its vector is the text (and code) part alone (its ID row is zero).
         Every id and text is checked before anything changes, and the clash check and the append
-        are one locked step, so concurrent calls never add an id twice.
+        are one locked step, so concurrent calls never add an id twice. With ``journaling`` (serve)
+        the items are in the journal, fsync'd, before they count; a refused write
+        (``JournalUnavailable``) adds nothing.
         """
         if not (self.net.use_text or self.net.use_codes):
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
@@ -232,8 +308,8 @@ class Recommender:
         tokens = list(items)
         bad = [(t, why) for t in tokens if (why := id_problem(t))]
         if bad:
-            raise RequestError(f"{len(bad)} invalid item id(s): " + "; ".join(f"{t!r}: {why}" for t, why in bad[:20]),
-                               [shown(str(t)) for t, _ in bad])
+            listed = "; ".join(f"{ascii(_abridged(t) if isinstance(t, str) else t)}: {why}" for t, why in bad[:20])
+            raise RequestError(f"{len(bad)} invalid item id(s): {listed}", [shown(_abridged(str(t))) for t, _ in bad])
         self._refuse_known(tokens)  # before encoding, which takes seconds
         texts = [clean_text(str(items[t])) for t in tokens]
         blank = [t for t, text in zip(tokens, texts) if not text]
@@ -244,9 +320,13 @@ class Recommender:
             raise RequestError(f"{len(broken)} item(s) have text that is not valid UTF-8 (lone surrogate): "
                                f"{', '.join(broken[:20])}", broken)
         features = self._encode(texts)
-        with self.lock:
+        journal = self.journal if self.journaling else None
+        with self._adding, (model_lock(journal.model, SERVE_LOCK_WAIT) if journal else contextlib.nullcontext()):
             self._refuse_known(tokens)  # again: a concurrent call may have added one of them meanwhile
-            self._append(tokens, texts, features)
+            if journal is not None:
+                journal.append(tokens, texts, features)  # durable before it counts; refused: nothing changes
+            with self.lock:
+                self._append(tokens, texts, features)
         log.info("added %d items; the catalog now has %d", len(tokens), self.num_items)
         return tokens
 
@@ -254,6 +334,13 @@ class Recommender:
         clash = sorted(t for t in tokens if t in self.token_to_id or t in self.aliases)
         if clash:
             raise KnownItemsError(f"{len(clash)} item(s) already in the catalog: {', '.join(clash[:20])}", clash)
+        if self._nfc_twins is None:  # new ids are NFC (id_problem); only ids and aliases that are not can look alike
+            self._nfc_twins = {unicodedata.normalize("NFC", t): t for t in [*self.token_to_id, *self.aliases]
+                               if not unicodedata.is_normalized("NFC", t)}
+        twins = sorted(t for t in tokens if t in self._nfc_twins)
+        if twins:
+            raise KnownItemsError(f"{len(twins)} item(s) already in the catalog in another Unicode form: " + ", ".join(
+                f"{t} (as {ascii(self._nfc_twins[t])}, the same after NFC normalisation)" for t in twins[:20]), twins)
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         """Text vectors (n, plm_dim), ``batch_size`` texts per forward pass (the encoder's activations
@@ -297,8 +384,10 @@ class Recommender:
                 raise DataError("this model does not record its text encoder, so new texts cannot be encoded")
             from unisrec_x.items.encoder import TextEncoder
 
-            self._text_encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens,
-                                             self.text.batch_size, self.text.precision)
+            encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens, self.text.batch_size,
+                                  self.text.precision)
+            verify_text_encoder(self, encoder)  # refused: not kept, so every later call refuses too
+            self._text_encoder = encoder
         return self._text_encoder
 
     def item_vectors(self) -> np.ndarray:

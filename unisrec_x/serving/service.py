@@ -6,24 +6,29 @@ bad request never fails another), then queued; a single worker takes whatever is
 forward pass in a worker thread, so the event loop keeps accepting connections meanwhile.
 
 ``POST /items`` changes what every user is recommended, so with a token it needs
-``Authorization: Bearer <token>``; ``/recommend`` and ``/health`` stay open. Every body is
-capped in bytes before it is parsed, and ``/items`` in items and characters per text. Every
-error answer reads ``{"error": message, ...}``.
+``Authorization: Bearer <token>``, checked at the route (so no root path or mount prefix gets
+around it) before any of the body is read. Every body must arrive within ``body_timeout_s`` and
+is capped in bytes before it is parsed, and ``/items`` in items and characters per text.
+Bodies are JSON (``Content-Type: application/json``) with strictly typed fields. Every error
+answer reads ``{"error": message, ...}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.message
 import hmac
+import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unisrec_x.serving.recommender import KnownItemsError, Recommender, RequestError, shown
@@ -31,12 +36,15 @@ from unisrec_x.serving.recommender import KnownItemsError, Recommender, RequestE
 MAX_HISTORY = 1000  # request-size guard; the model itself reads the last max_seq_len items
 MAX_K = 1000
 MAX_BODY_BYTES = 1 << 20  # any request
+BODY_TIMEOUT_S = 10.0  # to send the whole body once the headers are in; a trickling client gets 408
 MAX_ITEMS = 1000  # per POST /items; each text is encoded, so this bounds the work of one request
 MAX_TEXT_CHARS = 10_000  # per item text (the encoder reads at most max_tokens of it anyway)
 TOKEN_ENV = "UNISREC_X_SERVE_TOKEN"  # where `unisrec-x serve` reads the token for POST /items
 
 
 class RecommendRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # "3", true and 2.0 are not a k, "yes" not a boolean: 422
+
     history: list[str] = Field(description="item ids, oldest first")
     k: int = Field(10, description="how many items to return")
     exclude_seen: bool = Field(False, description="never return an item of the history")
@@ -54,6 +62,8 @@ class RecommendResponse(BaseModel):
 
 
 class AddItemsRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     items: dict[str, str] = Field(description="new item id -> its text")
 
 
@@ -120,60 +130,134 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
     return JSONResponse(status_code=status, content=content, headers=headers)
 
 
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before anything parses it.
+class BodyGuard:
+    """ASGI middleware: a body over ``max_bytes`` gets 413, one not received within ``timeout_s`` 408.
 
-    Checked on the declared Content-Length and again on the bytes as they arrive (a chunked
-    body declares none); the body is then handed on whole, so it is held at most once.
+    Enforced as the app reads the body (through ``receive``), not before, so that a route can
+    refuse a request on its headers alone (401 on ``POST /items``) without reading any of it.
+    The declared Content-Length is checked on the first read, a chunked body is counted as it
+    arrives. The clock starts when the headers are in: a client trickling a byte at a time
+    cannot hold a connection for longer. An answer sent before the whole body arrived closes
+    the connection, so nobody waits for the rest of it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(413, f"request body is over {self.max_bytes} bytes")(scope, receive, send)
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.too_large(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self.too_large(scope, receive, send)
-        whole: list[Message] = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        received, complete = 0, declared in ("", "0") and "transfer-encoding" not in headers  # no body at all
 
-        async def replay() -> Message:
-            return whole.pop() if whole else await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body only a disconnect can come, and may take its time
+                return await receive()
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise HTTPException(413, f"request body is over {self.max_bytes} bytes")
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request body is over {self.max_bytes} bytes")
+                complete = not message.get("more_body", False)
+            return message
 
-        await self.app(scope, replay, send)
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, closing_send)
+        except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing to log
+            pass
 
 
-class TokenGuard:
-    """ASGI middleware: ``POST /items`` needs ``Authorization: Bearer <token>`` (401 before the body is read)."""
+def token_required(token: str | None):
+    """A route dependency: with a token, the request needs ``Authorization: Bearer <token>`` (else 401).
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
+    Checked by the route it guards, not by matching the path, which holds any root path or
+    mount prefix (``/rec/items``). It reads only headers, and the route's body is parsed by a
+    later dependency (``json_body``), so nothing of the body is read or parsed before it.
+    """
+    expected = f"Bearer {token}".encode() if token else None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/items":
-            given = dict(scope["headers"]).get(b"authorization", b"")  # raw bytes, as sent
-            if not hmac.compare_digest(given, self.expected):  # constant time: no guessing byte by byte
-                message = "missing or wrong token: send 'Authorization: Bearer <token>'"
-                return await _error(401, message, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        await self.app(scope, receive, send)
+    async def check_token(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1")  # the bytes as sent
+        if not hmac.compare_digest(given, expected):  # constant time: no guessing byte by byte
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return check_token
+
+
+def _is_json(content_type: str) -> bool:
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def json_body(model: type[BaseModel]):
+    """A dependency that reads and validates the JSON body of a route, in place of a body parameter.
+
+    FastAPI reads and parses a body parameter before any dependency runs; read here, it comes
+    after the route's own dependencies (the token). Errors read as FastAPI's would (400 for
+    malformed JSON, 422 naming the fields), plus 415 for a body declared as something else than
+    JSON (a body without a Content-Type is read as JSON).
+    """
+
+    async def parsed(request: Request) -> BaseModel:
+        content_type = request.headers.get("content-type")
+        if content_type and not _is_json(content_type):
+            raise HTTPException(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
+                                     f"(got {content_type!r})")
+        raw = await request.body()
+        if not raw:
+            missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+            raise RequestValidationError([missing])
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": err.msg}}]) from err
+        except UnicodeDecodeError as err:
+            raise HTTPException(400, "malformed JSON body: not UTF-8") from err
+        except RecursionError as err:  # e.g. [[[[...]]]] 100,000 deep
+            raise HTTPException(400, "malformed JSON body: nested too deeply") from err
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            problems = [{**p, "loc": ("body", *p["loc"])} for p in err.errors(include_url=False)]
+            raise RequestValidationError(problems) from err
+
+    return parsed
+
+
+def _got(problem: dict) -> str:
+    """What was sent, after a wrong-type message: ``"3"`` for ``k`` looks like an integer until shown quoted."""
+    if not problem.get("type", "").endswith("_type"):
+        return ""
+    try:
+        sent = json.dumps(problem.get("input"))
+    except (TypeError, ValueError):
+        return ""
+    return f" (got {sent if len(sent) <= 40 else sent[:37] + '...'})"
 
 
 def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_items: int = MAX_ITEMS,
-               max_text_chars: int = MAX_TEXT_CHARS) -> FastAPI:
+               max_text_chars: int = MAX_TEXT_CHARS, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The ASGI app around one ``Recommender``; run it with uvicorn (``unisrec-x serve``).
 
     Args:
@@ -184,6 +268,7 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
         max_body_bytes: larger request bodies get 413.
         max_items: a ``POST /items`` with more items gets 413.
         max_text_chars: a ``POST /items`` with a longer text gets 422 naming the items.
+        body_timeout_s: a body not received this long after the headers gets 408.
     """
     batcher = MicroBatcher(recommender, max_batch, max_wait_ms)
 
@@ -193,11 +278,10 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
         yield
         worker.cancel()
 
-    app = FastAPI(title="unisrec-x", lifespan=lifespan)
+    # no /docs, /redoc, /openapi.json: unknown paths are 404, and the README documents the API
+    app = FastAPI(title="unisrec-x", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    if token:
-        app.add_middleware(TokenGuard, token=token)  # added last, so it runs first
+    app.add_middleware(BodyGuard, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -216,8 +300,10 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             return _error(400, "malformed JSON body", details=[str(p.get("ctx", {}).get("error", "")) for p in problems])
-        where = "; ".join(f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems)
-        return _error(422, f"invalid request: {where}")
+        where = "; ".join(f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}{_got(p)}"
+                          for p in problems[:10])
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        return _error(422, f"invalid request: {where}{more}")
 
     @app.exception_handler(RequestError)
     async def unanswerable(request: Request, exc: RequestError) -> JSONResponse:
@@ -230,7 +316,7 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
                 "batches": batcher.batches}
 
     @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
+    async def recommend(body: RecommendRequest = Depends(json_body(RecommendRequest))) -> RecommendResponse:
         if not body.history:
             raise RequestError("history is empty: at least one item is needed")
         if len(body.history) > MAX_HISTORY:
@@ -243,15 +329,20 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
         return RecommendResponse(items=[ScoredItem(**recommender.describe(i, s)._asdict())
                                         for s, i in zip(scores, ids) if s == s])
 
-    @app.post("/items", status_code=201)
-    async def add_items(body: AddItemsRequest) -> dict:
+    @app.post("/items", status_code=201, dependencies=[Depends(token_required(token))])  # before the body
+    async def add_items(body: AddItemsRequest = Depends(json_body(AddItemsRequest))) -> dict:
         if len(body.items) > max_items:
             raise HTTPException(413, f"{len(body.items)} items in one request; at most {max_items} are accepted")
         long = [t for t, text in body.items.items() if len(text) > max_text_chars]
         if long:
             raise RequestError(f"{len(long)} item text(s) over {max_text_chars} characters: "
                                f"{', '.join(long[:20])}", long)
-        added = await asyncio.get_running_loop().run_in_executor(None, recommender.add_items, body.items)
+        from unisrec_x.serving.journal import JournalUnavailable
+
+        try:  # 201 only once the items are journaled and fsync'd (serve): they survive a crash
+            added = await asyncio.get_running_loop().run_in_executor(None, recommender.add_items, body.items)
+        except JournalUnavailable as err:  # model locked by add-items, rewritten, or the disk refused: none added
+            raise HTTPException(err.status, str(err)) from None
         return {"added": added, "items": recommender.num_items}
 
     return app

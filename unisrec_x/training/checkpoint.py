@@ -7,8 +7,11 @@ naming the keys and shapes, instead of a silent ``strict=False`` partial load.
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -18,25 +21,38 @@ from unisrec_x.model.unisrec import UniSRec
 NON_TRANSFERABLE = ("item_embedding.", "code_embedding.")  # IDs and codes mean nothing in another domain
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, source: BinaryIO | None = None) -> dict[str, torch.Tensor]:
     """The ``net.*`` weights of a Lightning checkpoint (or a bare state dict), loaded without unpickling code."""
-    return net_state(read_checkpoint(path), path)
+    return net_state(read_checkpoint(path, source), path)
 
 
-def read_checkpoint(path: str | Path) -> object:
-    """The whole checkpoint object, loaded with ``weights_only``; any failure is a ``DataError`` naming the file."""
+def read_checkpoint(path: str | Path, source: BinaryIO | None = None) -> object:
+    """The whole checkpoint object, loaded with ``weights_only``; any failure is a ``DataError`` naming the file.
+
+    ``source``: the file already opened (e.g. through a directory handle); ``path`` then only names it.
+    """
     path = Path(path)
-    if not path.is_file():
+    if source is None and not path.is_file():
         raise DataError("checkpoint not found", path)
-    if path.stat().st_size == 0:
+    if (path.stat() if source is None else os.fstat(source.fileno())).st_size == 0:
         raise DataError("checkpoint is truncated or corrupted (file is empty (0 bytes))", path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path if source is None else source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise DataError(f"checkpoint holds objects other than tensors and plain values; refused ({first_line(err)})", path) from None
+        raise DataError(_refusal(str(err)), path) from None
     except Exception as err:  # a damaged zip or pickle fails in many ways (EOFError, IndexError, KeyError, ...)
         raise DataError(f"checkpoint is truncated or corrupted ({first_line(err)})", path) from None
     return checkpoint
+
+
+def _refusal(message: str) -> str:
+    """What torch's safe loader refused, without its advice to load the file unsafely (``weights_only=False``)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return (f"checkpoint holds objects other than tensors and plain values ({found[1]}), which could run code "
+                "when loaded; refused")
+    found = re.search(r"WeightsUnpickler error: *(\S[^\n]*?)(?:\. Please|$)", message, re.MULTILINE)
+    return f"checkpoint is truncated or corrupted ({found[1] if found else 'not a pickle torch can read safely'})"
 
 
 def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
