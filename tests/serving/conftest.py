@@ -47,3 +47,23 @@ def held_out_codes_checkpoint(real_root: Path, shared_cache: Path, tmp_path_fact
     """A text + codes model (semantic IDs: OPQ codes, 8 digits of 256 to keep the quantizer's fit short)."""
     return _fit_without_held_out(CONFIG.parent / "unisrec_text_codes.yaml", real_root, shared_cache,
                                  tmp_path_factory.mktemp("held-out-codes"), "--model.init_args.net.init_args.code_digits", "8")
+
+
+def wait_until_healthy(proc, url: str, log: Path, deadline_s: float = 120.0) -> None:
+    """Poll ``GET /health`` of a ``unisrec-x serve`` subprocess until it answers 200; fail with its log
+    if it exits or does not come up in time."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"server did not come up in {deadline_s} s:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.serving.conftest import wait_until_healthy
 from unisrec_x.cli import main
 from unisrec_x.data.atomic import write_atomic
 from unisrec_x.errors import DataError
@@ -80,17 +80,7 @@ def serving(model: Path, log: Path):
                     stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not come up in {DEADLINE} s:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, url, log, DEADLINE)
         with httpx.Client(base_url=url, timeout=60) as client:
             yield proc, client
     finally:

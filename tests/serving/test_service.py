@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import assert_close_f32
-from tests.serving.conftest import HELD_OUT, SAME_FILAMENT
+from tests.serving.conftest import HELD_OUT, SAME_FILAMENT, wait_until_healthy
 from unisrec_x.cli import main
 from unisrec_x.serving.recommender import Recommender
 from unisrec_x.serving.service import TOKEN_ENV
@@ -55,16 +55,7 @@ def server(model_dir):
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", TOKEN_ENV: TOKEN})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"server did not come up:\n{log.read_text()}")
+        wait_until_healthy(proc, url, log, 60)
         with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
             yield client
     finally:
