@@ -44,7 +44,8 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, hidden_dim: int = 300, n_layers: int = 2, n_heads: int = 2, inner_dim: int = 256,
                  dropout: float = 0.5, attn_dropout: float = 0.5, max_seq_len: int = 50,
-                 layer_norm_eps: float = 1e-12, last_item_residual: bool = False) -> None:
+                 layer_norm_eps: float = 1e-12, last_item_residual: bool = False, history_decay: float = 0.0,
+                 learn_history_decay: bool = False) -> None:
         """
         Args:
             hidden_dim: item- and sequence-vector size.
@@ -60,8 +61,18 @@ class SequenceEncoder(nn.Module):
                 query directly, so an untrained or domain-shifted Transformer still ranks items by
                 their similarity to the last one (the text-kNN baseline) instead of by noise. For
                 cosine scoring, where only directions count.
+            history_decay: with ``last_item_residual``, the residual at position t becomes
+                ``w * unit(sum_{j<=t} decay**(t-j) * unit(item_j))``: the decayed history the floor ranker
+                (``evaluation/baselines.py::floor``) queries with, instead of the last item alone. 0 is
+                the last item alone (exactly the plain residual); at most 1.
+            learn_history_decay: the decay is a parameter (starting at ``history_decay``, kept in [0, 1]
+                in the forward pass), saved with the model; else a constant.
         """
         super().__init__()
+        if not 0.0 <= history_decay <= 1.0:
+            raise ValueError(f"history_decay must lie in [0, 1], got {history_decay}")
+        if (history_decay > 0 or learn_history_decay) and not last_item_residual:
+            raise ValueError("history_decay weighs the history in the last-item residual: set last_item_residual=True")
         self.position = nn.Embedding(max_seq_len, hidden_dim)
         self.input_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
@@ -69,6 +80,8 @@ class SequenceEncoder(nn.Module):
             TransformerLayer(hidden_dim, n_heads, inner_dim, dropout, attn_dropout, layer_norm_eps) for _ in range(n_layers))
         self.apply(_init_weights)
         self.residual_weight = nn.Parameter(torch.ones(())) if last_item_residual else None
+        self.fixed_history_decay = float(history_decay)
+        self.learned_history_decay = nn.Parameter(torch.tensor(float(history_decay))) if learn_history_decay else None
 
     def forward(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """item_emb (B, L, D), seq_len (B,) -> sequence vectors (B, D)."""
@@ -88,8 +101,20 @@ class SequenceEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         if self.residual_weight is not None:
-            x = F.normalize(x, dim=-1) + self.residual_weight * F.normalize(item_emb, dim=-1)
+            x = F.normalize(x, dim=-1) + self.residual_weight * self._residual(F.normalize(item_emb, dim=-1))
         return x
+
+    def _residual(self, unit_items: torch.Tensor) -> torch.Tensor:
+        """Unit item vectors (B, L, D) -> the residual's direction at every position (B, L, D): the item
+        itself, or the unit decayed sum of the history up to it (causal, so every prefix gets its own)."""
+        if self.learned_history_decay is not None:
+            decay = _unit_interval(self.learned_history_decay)
+        elif self.fixed_history_decay > 0:
+            decay = torch.tensor(self.fixed_history_decay, dtype=unit_items.dtype, device=unit_items.device)
+        else:
+            return unit_items  # the plain last-item residual, untouched
+        weights = decay_matrix(decay.to(unit_items.dtype), unit_items.shape[1])  # (L, L)
+        return F.normalize(torch.matmul(weights, unit_items), dim=-1)  # (L, L) @ (B, L, D) -> (B, L, D)
 
     def outputs_at(self, item_emb: torch.Tensor, at: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
         """item_emb (B, L, D), at (B, L) bool -> the outputs at the marked positions (M, D), row-major.
@@ -110,6 +135,25 @@ class SequenceEncoder(nn.Module):
 
     def _outputs_at(self, item_emb: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         return self.hidden_states(item_emb)[at]
+
+
+def decay_matrix(decay: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, L) lower-triangular ``W[t, j] = decay**(t - j)`` for j <= t, else 0.
+
+    The powers are a running product, not ``pow``: a learned decay that starts at 0 (the plain residual)
+    must get a finite gradient, and ``pow`` at 0 is inf for the masked (negative) ages, whose gradient
+    through ``where`` is NaN (and ``pow(0, 0)``'s is NaN in some torch versions).
+    """
+    powers = torch.cat([torch.ones_like(decay).reshape(1), decay.expand([length - 1])]).cumprod(0)  # (L,)
+    age = torch.arange(length, device=decay.device)
+    age = age.unsqueeze(1) - age.unsqueeze(0)  # (L, L): t - j
+    return torch.where(age >= 0, powers[age.clamp(min=0)], torch.zeros_like(decay))
+
+
+def _unit_interval(raw: torch.Tensor) -> torch.Tensor:
+    """``raw`` clamped to [0, 1] with the gradient of the identity: a learned decay pushed below 0 (the
+    plain residual) still hears when the loss wants it back, where a plain clamp would leave it stuck."""
+    return raw + (raw.clamp(0.0, 1.0) - raw).detach()
 
 
 def rows_per_chunk(chunk_tokens: int | None, rows: int, length: int) -> int:

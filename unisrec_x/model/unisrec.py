@@ -28,7 +28,8 @@ class UniSRec(nn.Module):
                  use_text: bool = True, use_item_id: bool = False, similarity: Similarity = "cosine",
                  temperature: float = 0.07, last_item_residual: bool = False, use_codes: bool = False,
                  code_digits: int = 32, codes_per_digit: int = 256, memory_dropout: float = 0.0,
-                 memory_scale: float = 1.0) -> None:
+                 memory_scale: float = 1.0, history_decay: float = 0.0, learn_history_decay: bool = False,
+                 popularity_prior: bool = False, popularity_weight: float = 0.0) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -65,6 +66,16 @@ class UniSRec(nn.Module):
                 Under Adam this multiplies that table's step size and initial spread alike: a
                 few-shot fit peaks after a few dozen steps, too few for embeddings that start
                 near zero to move far at the shared learning rate.
+            history_decay: with ``last_item_residual``, the residual carries the unit sum of the history's
+                unit item vectors, the last weighted 1, each earlier one ``history_decay`` times less
+                (``SequenceEncoder``): the floor ranker's query (issue 28). 0: the last item alone.
+            learn_history_decay: learn the decay, starting at ``history_decay``.
+            popularity_prior: logits gain ``w * log(1 + count(item))``, ``count`` the item's count among the
+                training targets of the fit (``set_popularity_counts``; saved with the model, never
+                transferred from a pretrained one) and ``w`` learned. Items added later count 0; a model
+                never fit on its domain (zero-shot) has all counts 0. Rides along as one more coordinate of
+                ``query_vectors`` and ``candidate_vectors``, so every scoring path carries it.
+            popularity_weight: the prior's initial ``w`` (on the logit scale: cosine / temperature).
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -91,6 +102,8 @@ class UniSRec(nn.Module):
             raise ValueError(f"memory_dropout must lie in [0, 1), got {memory_dropout}")
         if memory_scale <= 0:
             raise ValueError(f"memory_scale must be positive, got {memory_scale}")
+        if popularity_weight != 0 and not popularity_prior:
+            raise ValueError("popularity_weight is the popularity prior's initial weight: set popularity_prior=True")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
         self.use_text, self.use_item_id, self.use_codes = use_text, use_item_id, use_codes
         self.code_digits, self.codes_per_digit = code_digits, codes_per_digit
@@ -107,7 +120,12 @@ class UniSRec(nn.Module):
         self.register_buffer("code_offsets", torch.arange(code_digits + 1) * codes_per_digit, persistent=False)
         self.register_buffer("item_codes", torch.zeros(0, code_digits + 1, dtype=torch.long), persistent=False)
         self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len,
-                                       last_item_residual=last_item_residual)
+                                       last_item_residual=last_item_residual, history_decay=history_decay,
+                                       learn_history_decay=learn_history_decay)
+        self.popularity_prior = popularity_prior
+        if popularity_prior:  # saved with the model (checkpoints, weights.pt); counts are data of this domain
+            self.popularity_weight = nn.Parameter(torch.tensor(float(popularity_weight)))
+            self.register_buffer("popularity_counts", torch.zeros(num_items + 1, dtype=torch.long))
         # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
         self.register_buffer("item_features", torch.zeros(0, plm_dim), persistent=False)
 
@@ -115,8 +133,9 @@ class UniSRec(nn.Module):
         """Install the text vectors, (num_items + 1, plm_dim) with row 0 the padding item."""
         if features.ndim != 2 or features.shape[1] != self.plm_dim:
             raise ValueError(f"text features have shape {tuple(features.shape)}, expected (items + 1, {self.plm_dim})")
-        if self.use_item_id and features.shape[0] != self.num_items + 1:
-            raise ValueError(f"text features cover {features.shape[0] - 1} items but the ID embedding has {self.num_items}")
+        if (self.use_item_id or self.popularity_prior) and features.shape[0] != self.num_items + 1:
+            sized = "the ID embedding" if self.use_item_id else "the popularity counts"
+            raise ValueError(f"text features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
         self.item_features = features.to(self._device, torch.float32)
 
     def set_item_codes(self, codes: torch.Tensor) -> None:
@@ -127,6 +146,14 @@ class UniSRec(nn.Module):
         if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.codes_per_digit):
             raise ValueError(f"item codes must lie in [0, {self.codes_per_digit}), got [{int(codes.min())}, {int(codes.max())}]")
         self.item_codes = codes.to(self._device, torch.long)
+
+    def set_popularity_counts(self, counts: torch.Tensor) -> None:
+        """Install the prior's counts: (num_items + 1,) training targets per item id (row 0 = padding)."""
+        if not self.popularity_prior:
+            raise ValueError("this model has no popularity prior (popularity_prior=False)")
+        if counts.shape != self.popularity_counts.shape:
+            raise ValueError(f"popularity counts have shape {tuple(counts.shape)}, expected ({self.num_items + 1},)")
+        self.popularity_counts = counts.to(self.popularity_counts)
 
     @property
     def _device(self) -> torch.device:
@@ -218,7 +245,8 @@ class UniSRec(nn.Module):
 
     def grow(self, features: torch.Tensor | None, codes: torch.Tensor | None, count: int) -> None:
         """Append ``count`` items after the last one: their text vectors (count, plm_dim) and codes
-        (count, digits + 1) where the model uses them, and a zero ID row (a new item has no trained ID).
+        (count, digits + 1) where the model uses them, a zero ID row (a new item has no trained ID) and a
+        zero popularity count (it was never a training target). ``num_items`` grows with the tables it sizes.
 
         Everything is built before anything is assigned, so a failure leaves the model as it was.
         """
@@ -233,12 +261,18 @@ class UniSRec(nn.Module):
             weight = self.item_embedding.weight.detach()
             embedding = nn.Embedding(len(weight) + count, weight.shape[1], padding_idx=0).to(weight)
             embedding.weight.data = torch.cat([weight, weight.new_zeros(count, weight.shape[1])])
+        counts = (torch.cat([self.popularity_counts, self.popularity_counts.new_zeros(count)])
+                  if self.popularity_prior else None)
         if item_features is not None:
             self.item_features = item_features
         if item_codes is not None:
             self.item_codes = item_codes
         if embedding is not None:
-            self.item_embedding, self.num_items = embedding, len(embedding.weight) - 1
+            self.item_embedding = embedding
+        if counts is not None:
+            self.popularity_counts = counts
+        if embedding is not None or counts is not None:
+            self.num_items += count
 
     def encode_sequences(self, item_seq: torch.Tensor, seq_len: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """item_seq (B, L), seq_len (B,) -> sequence vectors (B, D)."""
@@ -246,14 +280,30 @@ class UniSRec(nn.Module):
         return self.encoder(table[item_seq], seq_len)  # (B, L) -> (B, L, D) -> (B, D)
 
     def query_vectors(self, seq_repr: torch.Tensor) -> torch.Tensor:
-        """Sequence vectors as queries: ``score = query @ candidate.T`` (temperature folded in)."""
-        if self.similarity == "cosine":
-            return F.normalize(seq_repr, dim=-1) / self.temperature
-        return seq_repr
+        """Sequence vectors (B, D) as queries: ``score = query @ candidate.T`` (temperature folded in).
+        With the popularity prior, (B, D + 1): the prior's weight is the last coordinate."""
+        query = F.normalize(seq_repr, dim=-1) / self.temperature if self.similarity == "cosine" else seq_repr
+        if not self.popularity_prior:
+            return query
+        return torch.cat([query, self.popularity_weight.to(query.dtype).expand(*query.shape[:-1], 1)], dim=-1)
 
-    def candidate_vectors(self, item_vectors: torch.Tensor) -> torch.Tensor:
-        """Item vectors as candidates: L2-normalised for cosine similarity, unchanged for dot."""
-        return F.normalize(item_vectors, dim=-1) if self.similarity == "cosine" else item_vectors
+    def candidate_vectors(self, item_vectors: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors (R, D) as candidates: L2-normalised for cosine similarity, unchanged for dot.
+
+        With the popularity prior, (R, D + 1): the last coordinate is ``log(1 + count)`` of the rows' items,
+        ``ids`` (R,), or items 1..R when ``None`` (``table[1:]``). An id past the count table is an item
+        added after training, not yet grown into it: count 0.
+        """
+        vectors = F.normalize(item_vectors, dim=-1) if self.similarity == "cosine" else item_vectors
+        if not self.popularity_prior:
+            return vectors
+        counts = self.popularity_counts
+        if ids is None:
+            ids = torch.arange(1, len(vectors) + 1, device=counts.device)
+        ids = ids.to(counts.device)
+        known = ids < len(counts)
+        count = torch.where(known, counts[ids.clamp(max=len(counts) - 1)], torch.zeros_like(ids))  # (R,)
+        return torch.cat([vectors, torch.log1p(count.to(vectors)).unsqueeze(-1)], dim=-1)
 
     def score(self, seq_repr: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """seq_repr (B, D) vs items 1..N of table (N + 1, D) -> logits (B, N); padding is never a candidate."""

@@ -1,11 +1,13 @@
 """Export for serving stacks without this package: numpy item matrix + TorchScript query encoder.
 
-    item_vectors.npy     (N, D) float32, row r is item r + 1 (scores = query @ item_vectors.T)
+    item_vectors.npy     (N, D) float32, row r is item r + 1 (scores = query @ item_vectors.T); a model with a
+                         popularity prior has D + 1 columns, the last log(1 + training count)
     item_ids.json        JSON array of the N item ids, one per row (non-ASCII characters \\u-escaped)
     item_ids.txt         the same ids, one per line: written only when no id could be split by a line
                          reader (no line break of any kind, no white space at either end)
     query_encoder.pt     TorchScript: (item_seq (B, L) int64 ids 1..N, 0 = right padding,
-                         seq_len (B,)) -> query (B, D); the item table is inside
+                         seq_len (B,)) -> query (B, D); the item table is inside (with a popularity
+                         prior the query's last coordinate is the prior's weight)
     manifest.json        format "unisrec-x-export", shapes, similarity, how to score, which id files
 
 Load with ``torch.jit.load``, ``numpy.load`` and ``json.load``; nothing from unisrec_x is imported.
@@ -36,19 +38,24 @@ log = logging.getLogger(__name__)
 
 
 class QueryEncoder(nn.Module):
-    """History ids -> query vector; cosine models are normalised and divided by the temperature."""
+    """History ids -> query vector; cosine models are normalised and divided by the temperature, and a
+    popularity prior's weight is appended (``UniSRec.query_vectors``)."""
 
-    def __init__(self, encoder: SequenceEncoder, table: torch.Tensor, cosine: bool, temperature: float) -> None:
+    def __init__(self, encoder: SequenceEncoder, table: torch.Tensor, cosine: bool, temperature: float,
+                 prior_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.register_buffer("table", table)
         self.cosine, self.temperature = cosine, temperature
+        self.with_prior = prior_weight is not None
+        self.register_buffer("prior_weight", torch.zeros(()) if prior_weight is None else prior_weight.detach().clone())
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         seq_repr = self.encoder(self.table[item_seq], seq_len)
-        if self.cosine:
-            return F.normalize(seq_repr, dim=-1) / self.temperature
-        return seq_repr
+        query = F.normalize(seq_repr, dim=-1) / self.temperature if self.cosine else seq_repr
+        if self.with_prior:
+            query = torch.cat([query, self.prior_weight.to(query.dtype).expand(query.shape[0], 1)], dim=1)
+        return query
 
 
 EXPORT = OutputKind("export folder", "manifest.json", "unisrec-x-export",
@@ -63,8 +70,8 @@ def line_safe(token: str) -> bool:
 def export(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
     """Write the export; an existing export is replaced only with ``overwrite``, anything else is refused."""
     net = recommender.net
-    module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(),
-                          net.similarity == "cosine", float(net.temperature)).eval()
+    module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(), net.similarity == "cosine",
+                          float(net.temperature), net.popularity_weight if net.popularity_prior else None).eval()
     scripted = torch.jit.script(module)
     tokens = recommender.item_tokens
     id_files = ["item_ids.json"] + ["item_ids.txt"] * all(map(line_safe, tokens))
@@ -79,7 +86,7 @@ def export(recommender: "Recommender", directory: Path, overwrite: bool = False)
         # to a buffer first: torch's writer aborts the process (SIGABRT) when a write to its file fails (disk full)
         (tmp / "query_encoder.pt").write_bytes(scripted.save_to_buffer())
         (tmp / "manifest.json").write_text(json.dumps({
-            "format": EXPORT.format, "items": recommender.num_items, "dim": int(recommender.table.shape[1]),
+            "format": EXPORT.format, "items": recommender.num_items, "dim": int(recommender.candidates.shape[1]),
             "max_history": recommender.max_history, "similarity": net.similarity, "item_ids": id_files,
             "scoring": "scores = query_encoder(item_seq, seq_len) @ item_vectors.T; "
                        "item_seq holds 1-based positions in item_ids.json, right-padded with 0",

@@ -197,7 +197,7 @@ def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
         raise DataError("checkpoint not found", directory / "weights.pt")
     _load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
     tokens, texts, aliases = _read_items(directory / "items.item", files.get("items.item"))
-    if manifest["items"] != len(tokens) or (net.use_item_id and net.num_items != len(tokens)):
+    if manifest["items"] != len(tokens) or ((net.use_item_id or net.popularity_prior) and net.num_items != len(tokens)):
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
     features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, net.plm_dim)

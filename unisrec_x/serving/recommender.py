@@ -366,7 +366,8 @@ class Recommender:
                                                        None if new_codes is None else new_codes[start:start + chunk])
                                   for start in range(0, len(features), chunk)])
             table = torch.cat([self.table, new_rows])
-            candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows)])
+            new_ids = torch.arange(len(self.table), len(table))  # past the popularity counts: count 0
+            candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows, new_ids)])
         with torch.no_grad():  # not inference mode: a grown ID table stays trainable
             net.grow(features if net.use_text else None, new_codes, len(tokens))
         if item_codes is not None:
@@ -391,5 +392,6 @@ class Recommender:
         return self._text_encoder
 
     def item_vectors(self) -> np.ndarray:
-        """The (N, D) float32 matrix scores are taken against (L2-normalised for cosine models)."""
+        """The (N, D) float32 matrix scores are taken against (L2-normalised for cosine models; with a popularity
+        prior, (N, D + 1): the last column is log(1 + training count))."""
         return self.candidates.numpy().astype(np.float32, copy=True)

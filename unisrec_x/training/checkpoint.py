@@ -1,8 +1,10 @@
 """Load pretrained weights into a ``UniSRec`` with every key accounted for.
 
-Item-ID and item-code embeddings never transfer (IDs and codes mean nothing across domains): they
-are the only keys allowed to be missing or left behind. Anything else that does not match fails loudly,
-naming the keys and shapes, instead of a silent ``strict=False`` partial load.
+Item-ID and item-code embeddings and the popularity prior never transfer (IDs, codes and item counts
+mean nothing across domains): they are the only keys allowed to be missing or left behind, besides a
+learned history decay that a pretrained model without one leaves at its configured start. Anything
+else that does not match fails loudly, naming the keys and shapes, instead of a silent ``strict=False``
+partial load.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch
 from unisrec_x.errors import DataError, first_line
 from unisrec_x.model.unisrec import UniSRec
 
-NON_TRANSFERABLE = ("item_embedding.", "code_embedding.")  # IDs and codes mean nothing in another domain
+#: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts)
+NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight")
+#: may be missing from a pretrained checkpoint (one pretrained without it): kept at the model's own start
+FRESH_IF_ABSENT = ("encoder.learned_history_decay",)
 
 
 def read_state_dict(path: str | Path, source: BinaryIO | None = None) -> dict[str, torch.Tensor]:
@@ -72,7 +77,7 @@ def load_pretrained(net: UniSRec, path: str | Path) -> list[str]:
     """Copy pretrained weights into ``net``; returns the keys left at their fresh initialisation."""
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(NON_TRANSFERABLE)}
     own = net.state_dict()
-    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE)]
+    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE) or (k in FRESH_IF_ABSENT and k not in state)]
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - set(fresh))
     if unexpected or missing:

@@ -115,9 +115,11 @@ class SeqRecModule(pl.LightningModule):
         if self.net.use_codes:
             self.net.set_item_codes(self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).table())
         targets = self.datamodule.examples("train").targets
+        self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
         if stage == "fit":
             self.set_training_targets(targets)
-        self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
+            if self.net.popularity_prior:  # only a fit counts: a test or validate run takes the saved counts, and
+                self.net.set_popularity_counts(self.train_counts)  # zero-shot (never fit here) keeps all at 0
 
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
@@ -193,7 +195,8 @@ class SeqRecModule(pl.LightningModule):
         vectors = self.net.item_vectors(ids)  # (U, D)
         history = vectors[where[:batch.item_seq.numel()]].view(*batch.item_seq.shape, -1)
         seq_repr, _ = self.training_queries(batch, history)
-        logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(vectors[where[batch.item_seq.numel():]]).T
+        logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(vectors[where[batch.item_seq.numel():]],
+                                                                               candidates).T
         return sampled_softmax_loss(logits, candidates, target, self.sampler.log_expected_count(candidates, len(target)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -210,7 +213,7 @@ class SeqRecModule(pl.LightningModule):
         own = self.state_dict()
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in own and own[key].shape != value.shape:
-                what = "item count" if "item_embedding" in key else "dimensions"
+                what = "item count" if "item_embedding" in key or "popularity_counts" in key else "dimensions"
                 raise DataError(f"checkpoint has another {what}: {key} is {tuple(value.shape)} there, "
                                  f"{tuple(own[key].shape)} in this model (data: {self.net.num_items} items)")
         if self.net.use_codes and CHECKPOINT_KEY in checkpoint:  # kept, and saved again by a resumed fit

@@ -47,6 +47,9 @@ class PretrainModule(SeqRecModule):
         if net.use_item_id or net.use_codes:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
                              "(IDs and codes mean nothing in another domain)")
+        if net.popularity_prior:
+            raise ValueError("pretraining merges domains, whose item counts mean nothing in a target domain: use "
+                             "popularity_prior=False here and turn it on for the fine-tune (its counts start from its own data)")
         super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives,
                          encoder_chunk_tokens=encoder_chunk_tokens)
         self.save_hyperparameters()
@@ -87,7 +90,7 @@ class PretrainModule(SeqRecModule):
             loss_seq_item = info_nce(seq_repr, table[target], temperature, same_target=target)
         else:
             candidates = torch.cat([target, negatives])
-            logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(table[candidates]).T
+            logits = self.net.query_vectors(seq_repr) @ self.net.candidate_vectors(table[candidates], candidates).T
             loss_seq_item = sampled_softmax_loss(logits, candidates, target,
                                                  self.sampler.log_expected_count(candidates, len(target)))
         loss = loss_seq_item
