@@ -1,9 +1,5 @@
-"""A trained model on disk, from a Lightning checkpoint or as a self-contained model directory.
-
-A checkpoint records the network's and the DataModule's arguments, so its items and text
-vectors are rebuilt from the dataset (through the data root and the feature cache). A model
-directory holds everything itself, so it survives the dataset moving and carries items added
-after training:
+"""A self-contained model directory: it survives the dataset moving and carries items added after
+training (a Lightning checkpoint instead rebuilds its items from its dataset: ``checkpoint_source.py``):
 
     model.json          format, network arguments, text-encoder settings
     weights.pt          the network's state dict (loaded with weights_only=True)
@@ -13,6 +9,7 @@ after training:
                         allow_pickle=False; any float dtype or byte order becomes native float32)
     item_codes.npy      models with item codes: (N, digits + 1) int16 codes of items 1..N
     quantizer.faiss     ... and the faiss quantizer that gives new items their codes
+    added-items.jsonl   items a server added since the directory was written (``journal.py``)
 
 ``model.json`` also records the sha256 of every other file (``checksums``: a damaged or edited file is
 refused, not loaded) and a text fingerprint (``text_fingerprint``: a few items whose stored vectors the
@@ -30,19 +27,19 @@ import logging
 import os
 import stat
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 import torch
 
-from unisrec_x.items.codes import CHECKPOINT_KEY, CodeSettings, ItemCodes, ItemQuantizer, checked_state, with_collision_digit
+from unisrec_x.items.codes import CodeSettings, ItemCodes, ItemQuantizer, with_collision_digit
 from unisrec_x.data.atomic import read_atomic, write_atomic
 from unisrec_x.errors import DataError, first_line
 from unisrec_x.items.encoder import TextSettings, encoder_identity
-from unisrec_x.training.checkpoint import net_state, read_checkpoint, read_state_dict
+from unisrec_x.serving.parts import ModelParts, TextFingerprint, load_weights
+from unisrec_x.training.checkpoint import read_state_dict
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.runtime.outputs import OutputKind, atomic_directory
 from unisrec_x.runtime.typed_args import checked_args, exact_keys, type_ok
@@ -75,96 +72,6 @@ MIN_COSINE = 0.999  # a re-encoded stored item vs its stored vector (bfloat16 vs
 MIN_CODE_AGREEMENT = 0.9  # models without stored vectors: share of code digits that must come out again
 
 
-def _hparams(checkpoint: dict, key: str, path: Path) -> dict:
-    found = checkpoint.get(key)
-    if not isinstance(found, dict):
-        raise DataError(f"checkpoint has no {key}: was it written by unisrec-x fit?", path)
-    return {k: v for k, v in found.items() if not k.startswith("_")}
-
-
-class ModelParts(NamedTuple):
-    """What a ``Recommender`` is built from, as read from a checkpoint or a model directory."""
-
-    net: UniSRec
-    item_tokens: list[str]
-    item_texts: list[str]
-    item_features: torch.Tensor | None
-    text: TextSettings | None
-    aliases: dict[str, str]
-    item_codes: ItemCodes | None
-    text_fingerprint: "TextFingerprint | None" = None
-
-
-class TextFingerprint(NamedTuple):
-    """Items whose stored vectors the text encoder must reproduce before it encodes new ones, and a hash of
-    the text settings and their texts at save time (it tells an edited model.json from a changed encoder).
-    No items: a directory written before fingerprints, whose settings cannot be verified."""
-
-    items: tuple[str, ...]
-    sha256: str
-    manifest: Path
-
-
-def load_checkpoint(path: Path, data_root: str | None) -> ModelParts:
-    """A Lightning checkpoint; its items and text vectors come from its dataset (data root, feature cache)."""
-    from unisrec_x.data.datamodule import SeqRecDataModule
-
-    checkpoint = read_checkpoint(path)  # missing, truncated or code-carrying files fail here, named
-    state = net_state(checkpoint, path)
-    model_args = _hparams(checkpoint, "hyper_parameters", path)
-    net_args = model_args.get("net", {}).get("init_args")
-    if not isinstance(net_args, dict):
-        raise DataError("checkpoint does not record the network's arguments (hyper_parameters.net.init_args)", path)
-    data_args = _hparams(checkpoint, "datamodule_hyper_parameters", path)
-    if data_root is not None:
-        data_args["data_root"] = data_root
-    data = SeqRecDataModule(**data_args)
-    net = UniSRec(**net_args)
-    _load_weights(net, state, path)
-    tokens, texts = _merged_items(data, net.use_text or net.use_codes)
-    features = data.item_features if net.use_text else None
-    codes = None
-    if net.use_codes:  # the codes it was trained with; checkpoints written before they carried them: refit
-        stored = checkpoint.get(CHECKPOINT_KEY)
-        codes = (checked_state(stored, len(tokens), net.code_digits, net.codes_per_digit, net.plm_dim,
-                               None if features is None else features[1:].numpy(), path) if stored is not None
-                 else data.item_codes(net.code_digits, net.codes_per_digit))
-    text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
-                        data.cache.precision)
-    return ModelParts(net, tokens, texts, features, text, _release_aliases(data, data_args), codes)
-
-
-def _release_aliases(data, data_args: dict) -> dict[str, str]:
-    """ASIN -> integer index for a single UniSRec release (``<prefix>.item2index``); else none."""
-    from unisrec_x.data.datamodule import resolve_dataset
-    from unisrec_x.data.text import read_item2index
-
-    if len(data.data.domains) != 1 or not isinstance(data_args.get("dataset"), str):
-        return {}
-    index_file = Path(f"{resolve_dataset(data_args['dataset'], data_args.get('data_root'))}.item2index")
-    return read_item2index(index_file) if index_file.is_file() else {}
-
-
-def _merged_items(data, use_text: bool) -> tuple[list[str], list[str]]:
-    """Item tokens in global id order; with several domains, a token found in two gets ``Domain:token``.
-    Texts are read only for a model that uses them (an ID-only model gets empty ones)."""
-    domains = data.data.domains
-    counts = Counter(t for d in domains for t in d.item_tokens)
-    tokens = [f"{d.name}:{t}" if counts[t] > 1 else t for d in domains for t in d.item_tokens]
-    return tokens, [text for d in domains for text in d.item_texts] if use_text else [""] * len(tokens)
-
-
-def _load_weights(net: UniSRec, state: dict, path: Path) -> None:
-    own = net.state_dict()
-    problems = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-    if problems:
-        raise DataError(f"weights do not fit the recorded network arguments: {problems[:6]}", path)
-    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if not_finite:
-        raise DataError(f"weights hold NaN or inf values: {not_finite[:6]} (expected finite numbers)", path)
-    net.load_state_dict(state, strict=True)
-
-
 MANIFEST_KEYS = ("format", "version", "net", "text", "items", "codes", "checksums", "text_fingerprint")  # save_model_dir's
 OPTIONAL_KEYS = ("codes", "checksums", "text_fingerprint")  # absent in directories written before they existed
 _DIR_FD = hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd
@@ -195,7 +102,7 @@ def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
     weights = files.get("weights.pt")
     if weights is None:
         raise DataError("checkpoint not found", directory / "weights.pt")
-    _load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
+    load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
     tokens, texts, aliases = _read_items(directory / "items.item", files.get("items.item"))
     if manifest["items"] != len(tokens) or ((net.use_item_id or net.popularity_prior) and net.num_items != len(tokens)):
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "

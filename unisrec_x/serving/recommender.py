@@ -26,7 +26,9 @@ from unisrec_x.items.encoder import TextSettings
 from unisrec_x.runtime.outputs import check_output_path, recover
 from unisrec_x.serving.export import export
 from unisrec_x.serving.journal import SERVE_LOCK_WAIT, ItemJournal, default_journal, model_lock, model_locks
-from unisrec_x.serving.model_dir import (MODEL_DIR, TextFingerprint, load_checkpoint, load_model_dir, save_model_dir,
+from unisrec_x.serving.checkpoint_source import load_checkpoint
+from unisrec_x.serving.parts import TextFingerprint
+from unisrec_x.serving.model_dir import (MODEL_DIR, load_model_dir, save_model_dir,
                                          verify_text_encoder)
 
 log = logging.getLogger(__name__)
