@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from unisrec_x import cli as cli_module
 from unisrec_x.cli import main
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs" / "scientific").glob("*.yaml"))
@@ -22,9 +25,54 @@ def slice_env(real_root, shared_cache, monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def built(monkeypatch):
+    """The ``UniSRecCLI`` objects ``main`` builds, so a test can check the model, trainer and metrics it ran with."""
+    made = []
+
+    class Recorded(cli_module.UniSRecCLI):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module, "UniSRecCLI", Recorded)
+    return made
+
+
+def assert_one_checked_step(cli) -> None:
+    """fast_dev_run 1: one optimizer step with a finite positive loss, one validation batch with metrics in range."""
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert cli.trainer.global_step == 1
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
+    assert 0.0 <= metrics["val/ndcg@10"] <= metrics["val/recall@10"] <= metrics["val/recall@50"] <= 1.0
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).stem)
-def test_each_config_fast_dev_run(slice_env, config):
+def test_each_config_fast_dev_run(slice_env, built, config):
     main(["fit", "-c", config, *SLICE, "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])
+    (cli,) = built
+    assert_one_checked_step(cli)
+    net = cli.model.net  # the network the YAML describes, sized from the data
+    for key, value in yaml.safe_load(Path(config).read_text())["model"]["init_args"]["net"]["init_args"].items():
+        assert getattr(net, key) == value, key
+    assert net.num_items == cli.datamodule.num_items < 4385  # the 150-user slice's catalog, not all of Scientific's
+    if net.use_codes:
+        assert net.item_codes.shape == (net.num_items + 1, net.code_digits + 1)
+
+
+def test_a_config_naming_the_old_lit_class_path_still_fits(slice_env, built, tmp_path):
+    """Configs written before the layout of issue 27 name ``unisrec_x.lit.module.SeqRecModule``."""
+    from unisrec_x.training.module import SeqRecModule
+
+    config = next(c for c in CONFIGS if c.endswith("unisrec_inductive.yaml"))
+    text = Path(config).read_text()
+    assert "unisrec_x.training.module.SeqRecModule" in text
+    old = tmp_path / "old_layout.yaml"
+    old.write_text(text.replace("unisrec_x.training.module.SeqRecModule", "unisrec_x.lit.module.SeqRecModule"))
+    main(["fit", "-c", str(old), *SLICE, "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])
+    (cli,) = built
+    assert type(cli.model) is SeqRecModule and cli.model.net.use_text and not cli.model.net.use_item_id
+    assert_one_checked_step(cli)
 
 
 def test_short_fit_writes_test_metrics_of_best_checkpoint(slice_env):
@@ -67,10 +115,22 @@ def test_missing_dataset_exits_with_a_clear_message(slice_env, caplog):
     assert "no interactions: neither Nope.train.inter nor Nope.inter exists" in caplog.text
 
 
-def test_sampled_softmax_trains_from_the_cli(slice_env):
+def test_sampled_softmax_trains_from_the_cli(slice_env, built, monkeypatch):
+    from unisrec_x.training.module import SeqRecModule
+
+    paths = []
+    loss_path = SeqRecModule.loss_path
+    monkeypatch.setattr(SeqRecModule, "loss_path", lambda self, batch: paths.append(loss_path(self, batch)) or paths[-1])
     config = next(c for c in CONFIGS if c.endswith("unisrec_transductive.yaml"))
     main(["fit", "-c", config, *SLICE, "--model.init_args.loss", "sampled", "--model.init_args.num_negatives", "64",
-          "--model.init_args.negative_sampling", "popularity", "--trainer.fast_dev_run", "2", "--trainer.logger", "false"])
+          "--model.init_args.negative_sampling", "popularity", "--data.batch_size", "256", "--trainer.fast_dev_run", "2",
+          "--trainer.logger", "false"])
+    (cli,) = built
+    model = cli.model  # the flags reached the module, and both steps took the sampled loss
+    assert (model.loss, model.num_negatives, model.negative_sampling) == ("sampled", 64, "popularity")
+    assert paths == ["sampled", "sampled"] and cli.trainer.global_step == 2
+    loss = float(cli.trainer.callback_metrics["train/loss"])
+    assert math.isfinite(loss) and loss > 0
 
 
 def _own_dataset(real_root: Path, folder: Path, blank_titles: int) -> None:
@@ -92,7 +152,7 @@ def _own_dataset(real_root: Path, folder: Path, blank_titles: int) -> None:
                  [(item, "" if i < blank_titles else texts[item]) for i, item in enumerate(catalog)])
 
 
-def test_id_only_model_needs_no_item_text(real_root, slice_env, isolated_cache, monkeypatch, caplog):
+def test_id_only_model_needs_no_item_text(real_root, slice_env, isolated_cache, monkeypatch, caplog, built):
     mine = slice_env / "mine"
     _own_dataset(real_root, mine, blank_titles=7)
     own = ["--data.data_root", str(mine), "--data.dataset", "Mine", "--trainer.logger", "false",
@@ -103,6 +163,9 @@ def test_id_only_model_needs_no_item_text(real_root, slice_env, isolated_cache, 
     assert not any(isolated_cache.rglob("*.npy"))  # no text was encoded
     (mine / "Mine.item").unlink()  # and none has to exist
     main(["fit", "-c", sasrec, *own, "--trainer.fast_dev_run", "1"])
+    for cli in built:  # both fits trained on the user's own items
+        assert_one_checked_step(cli)
+        assert cli.model.net.num_items == cli.datamodule.num_items > 0 and not cli.model.net.use_text
     _own_dataset(real_root, mine, blank_titles=7)
     inductive = next(c for c in CONFIGS if c.endswith("unisrec_inductive.yaml"))
     with pytest.raises(SystemExit) as exit_info:  # a text model still refuses items without text

@@ -28,13 +28,24 @@ MMAP_THRESHOLD = 32 << 20
 
 def _experiment():
     def run(words: list[str]) -> None:
-        if words[:1] == ["transfer"]:
-            from unisrec_x.experiments.transfer import main as transfer
+        """Bad input and refused run folders end in one line and status 2, a failed arm in its log's
+        tail and status 1: a traceback of the runner would bury what to do."""
+        from unisrec_x.experiments.runner import REFUSALS, ArmFailed
 
-            return transfer(words[1:])
-        from unisrec_x.experiments.foundation import main as foundation
+        try:
+            if words[:1] == ["transfer"]:
+                from unisrec_x.experiments.transfer import main as transfer
 
-        return foundation(words)
+                return transfer(words[1:])
+            from unisrec_x.experiments.foundation import main as foundation
+
+            return foundation(words)
+        except (DataError, *REFUSALS) as err:
+            logging.getLogger("unisrec-x").error("%s", err)
+            sys.exit(2)
+        except ArmFailed as err:
+            logging.getLogger("unisrec-x").error("%s", err)
+            sys.exit(1)
 
     return run
 
@@ -92,7 +103,7 @@ class UniSRecCLI(LightningCLI):
                             help="after fit, evaluate the best checkpoint on the test split")
         parser.add_argument("--select_initial", type=bool, default=False,
                             help="keep the weights fit starts from (untrained or pretrained) as a candidate: "
-                            "validated once after fit, tested when no epoch beat them (lit/initial.py)")
+                            "validated once after fit, tested when no epoch beat them (training/initial.py)")
         parser.add_argument("--patience", type=Optional[PositiveInt], default=None,
                             help=f"fit only: validations without a better {MONITOR} before early stopping (default "
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
@@ -126,7 +137,7 @@ class UniSRecCLI(LightningCLI):
 
 
 def trainer_defaults(trim_heap: bool = False) -> dict:
-    """The Trainer's defaults; ``trim_heap`` when the mmap threshold is fixed (``lit/heap.py``)."""
+    """The Trainer's defaults; ``trim_heap`` when the mmap threshold is fixed (``training/heap.py``)."""
     return {
         "max_epochs": 300,
         "default_root_dir": "runs",

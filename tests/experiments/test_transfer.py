@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from unisrec_x import transfer
+from unisrec_x.experiments import transfer
 from unisrec_x.experiments.transfer import ARMS, REGIMES, arm_command, run_one, user_sample
 from unisrec_x.experiments.transfer_report import rows_of
 
@@ -79,9 +83,15 @@ def test_report_only_reports_finished_arms_and_runs_nothing(real_root, tmp_path,
                    str(real_root), 1)
     monkeypatch.setattr(transfer, "baseline", lambda *a: pytest.fail("ran a baseline"))
     monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
-    transfer.main(["--report_only", "--targets", "scientific/Scientific", "--regimes", "20%", "--arms", "popularity", "sasrec",
-                   "zero_shot", "--results", str(results), "--runs", str(tmp_path / "runs"), "--report", str(tmp_path / "out"),
-                   "--data_root", str(real_root)])
+    before = sorted(p for p in tmp_path.rglob("*"))
+    transfer.main(["--report_only", "--targets", "scientific/Scientific", "--regimes", "20%", "5%", "--arms", "popularity",
+                   "sasrec", "zero_shot", "--results", str(results), "--runs", str(tmp_path / "runs"),
+                   "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    # nothing but the report: the 5% sample is not drawn (it wrote users-5pct.txt), no run folder is made
+    written = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert written == [tmp_path / "out", *sorted((tmp_path / "out").iterdir())]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"transfer.json", "transfer.md",
+                                                             "transfer-scientific-Scientific.png"}
     report = json.loads((tmp_path / "out" / "transfer.json").read_text())
     assert {(r["arm"], r["slice"]) for r in report["rows"]} == {("popularity", "all"), ("popularity", "long-tail")}
     row = next(r for r in report["rows"] if r["slice"] == "all")
@@ -121,8 +131,6 @@ def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path
     assert int(words[words.index(flag) + 1] if flag in words else 1) == interval
     if interval > 1:  # as many validations (so as much patience) as a full-data run may make
         assert int(words[words.index("--trainer.max_epochs") + 1]) == transfer.MAX_EPOCHS * interval
-    quick = arm_command(ARM["scratch_inductive"], "office", regime, 1, tmp_path / "seed1", None, None, True, None)
-    assert int(quick[quick.index("--trainer.max_epochs") + 1]) == transfer.QUICK_EPOCHS * interval
     zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", True, None)
     assert zero_shot[1] == "test" and "--trainer.max_epochs" not in zero_shot and "--data.max_users" in zero_shot
 
@@ -144,3 +152,188 @@ def test_every_trained_arms_command_parses(tmp_path, capsys):
         for flag, value in zip(cmd, cmd[1:]):
             if flag.endswith("memory_dropout"):
                 assert f"memory_dropout: {value}" in printed, arm.name
+
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "results" / "transfer"
+
+
+def _plan_commands(quick: bool, tmp_path) -> list[list[str]]:
+    """Every command the benchmark can build: each arm in each of its regimes, and pretraining."""
+    commands = [transfer.pretrain_command(tmp_path / "pretrain" / "seed1", 1, quick, "/data")]
+    for arm in ARMS:
+        for regime in arm.regimes:
+            if arm.kind in ("fit", "test"):
+                users = tmp_path / "users.txt" if 0 < REGIMES[regime] < 1 else None
+                commands.append(arm_command(arm, "office", regime, 1, tmp_path / "seed1", users, "w.pt", quick, "/data"))
+    return commands
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_built_commands_state_each_flag_once(tmp_path, quick):
+    """--quick used to append its values after the full ones (``--trainer.max_epochs 3 ... --trainer.max_epochs 1``)."""
+    for cmd in _plan_commands(quick, tmp_path):
+        flags = [w for w in cmd if w.startswith("-")]
+        assert len(flags) == len(set(flags)), cmd
+    pretraining = transfer.pretrain_command(tmp_path / "seed1", 1, quick, None)
+    epochs = pretraining[pretraining.index("--trainer.max_epochs") + 1]
+    assert epochs == ("1" if quick else "3") and ("--trainer.max_steps" in pretraining) == quick
+
+
+def test_quick_fits_early_stop_with_patience_and_no_validation_cap(tmp_path):
+    """A cap of 3 validations left every trained arm of the quick job below text-kNN: they stop at their peak now."""
+    quick_arms = [a for a in ARMS if a.in_quick]
+    assert {a.kind for a in quick_arms} == {"popularity", "text_knn", "test", "fit"}
+    assert any(a.pretrained and a.kind == "fit" for a in quick_arms) and any(not a.pretrained and a.kind == "fit" for a in quick_arms)
+    for arm in quick_arms:
+        if arm.kind != "fit":
+            continue
+        for regime in transfer.QUICK_REGIMES:
+            if regime not in arm.regimes:
+                continue
+            cmd = arm_command(arm, "scientific/Scientific", regime, 1, tmp_path / "seed1", None, "w.pt", True, None)
+            assert cmd[cmd.index("--patience") + 1] == str(transfer.QUICK_PATIENCE)
+            assert "--trainer.max_epochs" not in cmd and "--trainer.max_steps" not in cmd  # the CLI's 300 epochs
+            assert cmd[cmd.index("--data.max_users") + 1] == str(transfer.QUICK_USERS)
+    # a few-shot regime asked of --quick keeps the full benchmark's interval and epoch budget, with the quick patience
+    cmd = arm_command(ARM["sasrec"], "office", "20%", 1, tmp_path / "seed1", None, None, True, None)
+    assert cmd[cmd.index("--trainer.max_epochs") + 1] == str(transfer.MAX_EPOCHS * 5) and "--patience" in cmd
+
+
+def test_quick_report_says_what_it_is(real_root, tmp_path, capsys):
+    transfer.main(["--quick", "--report_only", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+                   "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("Quick form of the transfer benchmark: the first 2,000 users of scientific/Scientific")
+    assert "unisrec-x experiment transfer` (hours" in printed
+    assert (tmp_path / "out" / "transfer-quick.md").read_text().startswith("Quick form")
+
+
+def test_slugs_tell_every_target_apart_and_keep_the_committed_folders():
+    from unisrec_x.experiments.transfer_report import regime_slug, slug
+
+    assert slug("scientific/Scientific") == "scientific-Scientific" and slug("office") == "office"
+    assert {p.name for p in COMMITTED.iterdir() if p.is_dir()} == {slug(t) for t in transfer.DEFAULT_TARGETS}
+    targets = ["d/crlf", "d-crlf", "d--crlf", "d_crlf", "d crlf", "/d/crlf", "d/crlf/", "x%", "xpct", "..", "."]
+    slugs = [slug(t) for t in targets]
+    assert len(set(slugs)) == len(targets), dict(zip(targets, slugs))
+    assert all(s and not s.startswith((".", "-")) and "/" not in s for s in slugs)
+    assert [regime_slug(r) for r in REGIMES] == ["zero-shot", "5pct", "20pct", "100pct"]
+
+
+def test_renamed_modules_agree_with_the_cli():
+    from unisrec_x.cli import RENAMED_MODULES
+
+    assert transfer.RENAMED_MODULES == RENAMED_MODULES
+
+
+def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
+    """The layout of issue 27 changed the configs' bytes (class paths, a comment), not their meaning: the results
+    under results/transfer must still be found, from any folder, else the next run trains hours again."""
+    monkeypatch.chdir(tmp_path)
+    results, runs = Path("results/transfer"), Path("runs/experiments/transfer")  # as the committed commands name them
+    pretraining = json.loads((COMMITTED / "pretraining.json").read_text())
+    assert transfer.finished(COMMITTED / "pretraining.json", shlex.join(
+        transfer.pretrain_command(runs / "pretrain" / "seed1", 1, False, None))) == pretraining
+    files = sorted(COMMITTED.rglob("seed*.json"))
+    assert len(files) > 100
+    for path in files:
+        record = json.loads(path.read_text())
+        share = REGIMES[record["regime"]]
+        users = transfer.sample_path(record["target"], share, results) if 0 < share < 1 else None
+        where, command = transfer.keyed_command(ARM[record["arm"]], record["target"], record["regime"], record["seed"],
+                                                runs, users, pretraining["weights"], False, None)
+        assert COMMITTED / where.with_suffix(".json") == path and command == record["command"], path
+        assert transfer.finished(path, command) == record, path
+    # a changed setting is still a new command
+    assert not transfer.same_configs({"configs/scientific/sasrec.yaml": "e6208a829a62f420"},
+                                     "unisrec-x fit -c configs/scientific/unisrec_inductive.yaml")
+
+
+def test_a_config_whose_meaning_changes_is_not_reused(tmp_path):
+    config = tmp_path / "arm.yaml"
+    config.write_text("# a comment\nmodel: {class_path: unisrec_x.lit.module.SeqRecModule}\n")
+    before = transfer.config_digest(config)
+    config.write_text("model:\n  class_path: unisrec_x.training.module.SeqRecModule  # moved, same class\n")
+    assert transfer.config_digest(config) == before
+    config.write_text("model: {class_path: unisrec_x.training.module.SeqRecModule, init_args: {lr: 2}}\n")
+    assert transfer.config_digest(config) != before
+
+
+def test_arm_commands_find_their_configs_from_any_folder(tmp_path, monkeypatch):
+    """``-c configs/...`` was read relative to the current folder: every arm failed outside the checkout."""
+    from unisrec_x.experiments import runner
+
+    monkeypatch.chdir(tmp_path)
+    transfer.check_configs(ARMS, pretraining=True)
+    for cmd in _plan_commands(False, tmp_path):
+        given = runner.config_paths(cmd)
+        assert given and all(c.startswith("configs/") for c in given)  # the key stays as committed
+        resolved = runner.config_paths(runner.runnable(cmd))
+        assert all(Path(c).is_absolute() and Path(c).is_file() for c in resolved), resolved
+    seen = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda args, **kw: seen.append(args) or Done())
+    cmd = arm_command(ARM["sasrec"], "office", "100%", 1, tmp_path / "runs" / "seed1", None, None, False, None)
+    runner.run_process(cmd, tmp_path / "runs" / "seed1")
+    child = seen[0]
+    assert child[child.index("-c") + 1] == str(REPO / "configs" / "scientific" / "sasrec.yaml")
+
+
+def _cli_exit(words, caplog) -> tuple[int, str]:
+    from unisrec_x.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["experiment", "transfer", *words])
+    return done.value.code, caplog.text
+
+
+@pytest.mark.parametrize("target, says", [("scientific/Nope", "neither Nope.train.inter nor Nope.inter exists"),
+                                          ("../data/scientific/Scientific", "without '..'"), ("..", "without '..'")])
+def test_a_target_that_names_no_dataset_is_one_line_and_exit_2(real_root, tmp_path, monkeypatch, caplog, target, says):
+    monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
+    code, text = _cli_exit(["--targets", target, "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "runs"),
+                            "--report", str(tmp_path / "out"), "--data_root", str(real_root)], caplog)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1 and says in errors[0].getMessage() and "\n" not in errors[0].getMessage()
+    assert errors[0].exc_info is None and "Traceback" not in text
+    assert not any(tmp_path.iterdir())  # checked before anything was written
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "-1"), ("--full_seeds", "4294967296"), ("--jobs", "0"),
+                                         ("--threads", "-2"), ("--seeds", "x")])
+def test_numeric_flags_are_checked_when_read(tmp_path, monkeypatch, capsys, flag, value):
+    """``--seeds -1`` used to fail 20 s later, inside the first child process."""
+    for name in ("pretrain", "user_sample", "run_one"):
+        monkeypatch.setattr(transfer, name, lambda *a, **k: pytest.fail("started the plan"))
+    with pytest.raises(SystemExit) as done:
+        transfer.main([flag, value, "--results", str(tmp_path / "r")])
+    assert done.value.code == 2 and flag in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+HOLDER = ("import fcntl, sys, time; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); "
+          "print('held', flush=True); time.sleep(60)")
+
+
+def test_a_run_folder_held_by_another_runner_is_one_line_and_exit_2(real_root, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("fcntl")
+    from unisrec_x.experiments import runner
+
+    lock = tmp_path / "runs" / "pretrain" / ".seed1.lock"  # pretraining, the first thing a plan runs
+    lock.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
+        code, text = _cli_exit(["--targets", "scientific/Scientific", "--regimes", "zero-shot", "--arms", "zero_shot",
+                                "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "runs"),
+                                "--report", str(tmp_path / "out"), "--data_root", str(real_root)], caplog)
+    finally:
+        other.kill()
+        other.wait()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and len(errors) == 1 and "in use by another unisrec-x experiment" in errors[0]
+    assert "Traceback" not in text and "\n" not in errors[0]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unisrec_x.experiments.runner import DEFAULTS_VERSION, REPORTED, run_process, summarise
+from unisrec_x.experiments.runner import DEFAULTS_VERSION, REPORTED, run_process, seed_number, summarise
 from unisrec_x.runtime.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="unisrec-x experiment", description=main.__doc__)
     parser.add_argument("name", choices=sorted([*EXPERIMENTS, "transfer"]), help="transfer: see `unisrec-x experiment transfer --help`")
     parser.add_argument("--quick", action="store_true", help=f"smaller real run ({' '.join(QUICK_ARGS)}) that finishes in minutes")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2022])
+    parser.add_argument("--seeds", type=seed_number, nargs="+", default=[2022])
     parser.add_argument("--arms", nargs="+", help="run only these arms")
     parser.add_argument("--data_root", help="folder holding the datasets (default $UNISREC_X_DATA_ROOT or ../shared/data)")
     parser.add_argument("--runs", default="runs/experiments", help="where run logs and checkpoints go")

@@ -7,6 +7,7 @@ that made it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import unisrec_x
 
 try:
     import fcntl
@@ -32,6 +35,66 @@ DEFAULTS_VERSION = 2
 
 #: Every run folder this runner makes starts with this file; a folder without it is not ours to empty.
 RUN_LOG = "stdout.log"
+#: The checkout the package runs from: arm commands name their configs relative to it (``configs/...``), so the
+#: command (a result's key) reads the same from any folder while the child gets a path that exists.
+REPO_ROOT = Path(unisrec_x.__file__).resolve().parents[1]
+MAX_SEED = 2**32 - 1  # numpy's (so Lightning's seed_everything's) upper bound
+
+
+class RunFolderBusy(RuntimeError):
+    """Another runner holds the run folder (refused before anything runs: a usage error, not a crash)."""
+
+
+class ForeignRunFolder(FileExistsError):
+    """The run folder holds files the runner did not make; they are left untouched."""
+
+
+class ArmFailed(RuntimeError):
+    """An arm's ``unisrec-x`` process exited non-zero; the message ends with the tail of its log."""
+
+
+#: Refusals the ``experiment`` command reports in one line with exit status 2 (``cli._experiment``).
+REFUSALS = (RunFolderBusy, ForeignRunFolder)
+
+
+def resolve_config(path: str) -> Path:
+    """A ``-c`` file: absolute as given; relative, under the package's checkout when it is there
+    (the benchmark's own ``configs/``), else relative to the current folder."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    shipped = REPO_ROOT / given
+    return shipped if shipped.is_file() else given
+
+
+def config_paths(cmd: list[str]) -> list[str]:
+    """The ``-c``/``--config`` values of a command, as written."""
+    return [cmd[i + 1] for i, word in enumerate(cmd[:-1]) if word in ("-c", "--config")]
+
+
+def runnable(cmd: list[str]) -> list[str]:
+    """``cmd`` with its config files resolved (``resolve_config``): what the child process is given."""
+    out = list(cmd)
+    for i, word in enumerate(cmd[:-1]):
+        if word in ("-c", "--config"):
+            out[i + 1] = str(resolve_config(cmd[i + 1]))
+    return out
+
+
+def seed_number(text: str) -> int:
+    """argparse type of a seed: checked when the command is read, not by a child process minutes later."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to {MAX_SEED}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (jobs, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 @contextlib.contextmanager
@@ -48,8 +111,8 @@ def exclusive(run_dir: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{run_dir} is in use by another unisrec-x experiment; wait for it or give --runs "
-                               "another folder") from None
+            raise RunFolderBusy(f"{run_dir} is in use by another unisrec-x experiment; wait for it or give --runs "
+                                "another folder") from None
         except OSError as err:  # a file system without locks (some NFS, FUSE, CIFS mounts)
             log.warning("cannot lock %s (%s); running without the guard against a second runner", run_dir, err)
             yield None
@@ -68,8 +131,8 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
     with exclusive(run_dir) as lock_fd:
         if run_dir.exists() and any(run_dir.iterdir()):
             if not (run_dir / RUN_LOG).is_file():
-                raise FileExistsError(f"{run_dir} exists and was not made by unisrec-x experiment (no {RUN_LOG}); "
-                                      "refusing to empty it: move it or give --runs another folder")
+                raise ForeignRunFolder(f"{run_dir} exists and was not made by unisrec-x experiment (no {RUN_LOG}); "
+                                       "refusing to empty it: move it or give --runs another folder")
             for old in sorted(run_dir.rglob("*"), reverse=True):
                 if old != run_dir / RUN_LOG:
                     old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
@@ -77,12 +140,12 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         start = time.perf_counter()
         with open(run_dir / RUN_LOG, "w") as handle:
-            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *cmd[1:]], stdout=handle,
+            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *runnable(cmd)[1:]], stdout=handle,
                                   stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
     if proc.returncode != 0:
         tail = (run_dir / RUN_LOG).read_text().splitlines()[-15:]
-        raise RuntimeError(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
-                           + "\n".join(tail))
+        raise ArmFailed(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
+                        + "\n".join(tail))
     return time.perf_counter() - start
 
 

@@ -6,6 +6,7 @@ and a finished run make the same report from the same files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -18,9 +19,24 @@ from unisrec_x.runtime.paths import atomic_write_bytes
 SLICES = (("all", ""), ("long-tail", "long_tail/"))
 
 
+#: A target written as ``/``-separated names of letters, digits, ``_`` and inner dots: its ``/`` becomes ``-``
+#: and nothing else changes, so ``-`` in the folder name can only stand for ``/`` (injective).
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*(/[A-Za-z0-9_][A-Za-z0-9_.]*)*")
+
+
 def slug(text: str) -> str:
-    """A folder name for a target or regime: ``scientific/Scientific`` -> ``scientific-Scientific``, ``5%`` -> ``5pct``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
+    """A target's folder name, one per target: ``scientific/Scientific`` -> ``scientific-Scientific``, ``office`` ->
+    ``office`` (the names committed results live under); any other spelling (``d-crlf``, ``/abs/path``) is
+    sanitised and suffixed ``--`` + a hash of the exact text, which a plain name's slug never contains."""
+    if _PLAIN.fullmatch(text):
+        return text.replace("/", "-")
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-.") or "target"
+    return f"{readable}--{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def regime_slug(regime: str) -> str:
+    """A regime's folder name (regimes are a fixed set): ``5%`` -> ``5pct``, ``zero-shot`` -> ``zero-shot``."""
+    return regime.replace("%", "pct")
 
 
 def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
@@ -90,13 +106,17 @@ def plot(rows: list[dict], arms: Sequence, shares: Mapping[str, float], target: 
 
 
 def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], targets: list[str], regimes: list[str],
-           pretraining: dict | None, max_count: int, out: Path, suffix: str) -> None:
-    """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target."""
+           pretraining: dict | None, max_count: int, out: Path, suffix: str, note: str = "") -> None:
+    """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target; ``note`` (what
+    a reduced run is) heads the printed and written tables, so they are not read as the full benchmark's."""
     rows = rows_of(records, arms)
     atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
         {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
-         "long_tail_max_count": max_count, "rows": rows, "pretraining": pretraining}, indent=1).encode())
+         "long_tail_max_count": max_count, "rows": rows, "pretraining": pretraining,
+         **({"note": note} if note else {})}, indent=1).encode())
     table = markdown(rows, arms, targets, regimes, max_count)
+    if note:
+        table = f"{note}\n\n{table}"
     atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
     for target in targets:
         plot(rows, arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
