@@ -183,7 +183,7 @@ def test_built_commands_state_each_flag_once(tmp_path, quick):
 def test_quick_fits_early_stop_with_patience_and_no_validation_cap(tmp_path):
     """A cap of 3 validations left every trained arm of the quick job below text-kNN: they stop at their peak now."""
     quick_arms = [a for a in ARMS if a.in_quick]
-    assert {a.kind for a in quick_arms} == {"popularity", "text_knn", "test", "fit"}
+    assert {a.kind for a in quick_arms} == {"popularity", "text_knn", "floor", "test", "fit"}
     assert any(a.pretrained and a.kind == "fit" for a in quick_arms) and any(not a.pretrained and a.kind == "fit" for a in quick_arms)
     for arm in quick_arms:
         if arm.kind != "fit":
@@ -337,3 +337,78 @@ def test_a_run_folder_held_by_another_runner_is_one_line_and_exit_2(real_root, t
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert code == 2 and len(errors) == 1 and "in use by another unisrec-x experiment" in errors[0]
     assert "Traceback" not in text and "\n" not in errors[0]
+
+
+def _fake_record(results, target, regime, arm, seed, ndcg, **extra):
+    from unisrec_x.experiments.transfer_report import regime_slug, slug
+
+    path = results / slug(target) / regime_slug(regime) / arm / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"recall@10": 2 * ndcg, "ndcg@10": ndcg, "recall@50": 3 * ndcg, "ndcg@50": 1.2 * ndcg}
+    path.write_text(json.dumps({"command": "x", "target": target, "regime": regime, "arm": arm, "seed": seed,
+                                "metrics": metrics, **extra}))
+
+
+def test_a_partial_plan_leaves_the_full_reports_rows_in_place(real_root, tmp_path, monkeypatch):
+    """Issue 28: the report is rebuilt from every record under the results folder, so a run of one target and
+    one arm keeps the other target's rows; seeds from different (or unknown) commits are marked, and few-shot
+    records made under the earlier protocol (all users' validation) are reported apart, never mixed in."""
+    results = tmp_path / "results"
+    _fake_record(results, "office", "100%", "sasrec", 1, 0.05, commit="a" * 40, validation_users="all")
+    _fake_record(results, "office", "20%", "sasrec", 1, 0.03)  # before issue 28: no commit, all users' validation
+    _fake_record(results, "office", "20%", "sasrec", 2, 0.031)
+    _fake_record(results, "scientific/Scientific", "100%", "sasrec", 1, 0.054, commit="a" * 40, validation_users="all")
+    _fake_record(results, "scientific/Scientific", "100%", "sasrec", 2, 0.056, commit="b" * 40, validation_users="all")
+    monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
+    transfer.main(["--report_only", "--targets", "office", "--regimes", "100%", "--arms", "sasrec", "--full_seeds", "1",
+                   "--results", str(results), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    report = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    rows = {(r["target"], r["regime"], r["validation_users"]): r for r in report["rows"] if r["slice"] == "all"}
+    assert set(rows) == {("office", "100%", "all"), ("office", "20%", "all"), ("scientific/Scientific", "100%", "all")}
+    assert rows[("scientific/Scientific", "100%", "all")]["seeds"] == [1, 2]  # not in this plan, still reported
+    assert rows[("scientific/Scientific", "100%", "all")]["mixed_commits"] is True
+    assert rows[("office", "100%", "all")]["mixed_commits"] is False
+    assert report["protocol"]["current"]["20%"] == "sampled"
+    table = (tmp_path / "out" / "transfer.md").read_text()
+    assert "0.0550 ± 0.0014 †" in table  # Scientific's two commits are marked
+    earlier = table[table.index("earlier protocol"):]
+    assert "0.0305 ± 0.0007" in earlier  # office 20% (all users' validation) only in the earlier-protocol tables
+
+
+def test_few_shot_records_of_the_earlier_protocol_are_not_reused(real_root, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    users = user_sample("scientific/Scientific", 0.05, results, str(real_root))
+    calls = []
+
+    def fake_run(cmd, run_dir, threads):
+        calls.append(cmd)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07}
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3}))
+
+    monkeypatch.setattr(transfer, "run_process", fake_run)
+    args = (ARM["sasrec"], "scientific/Scientific", "5%", 1, results, tmp_path / "runs", users, None, False, str(real_root), 1)
+    first = run_one(*args)
+    assert first["validation_users"] == "sampled" and len(first["commit"] or "x" * 40) == 40 and "dirty" in first
+    assert run_one(*args) == first and len(calls) == 1  # same protocol: reused
+    path = results / "scientific-Scientific" / "5pct" / "sasrec" / "seed1.json"
+    old = {k: v for k, v in first.items() if k != "validation_users"}  # as records made before issue 28
+    path.write_text(json.dumps(old))
+    run_one(*args)
+    assert len(calls) == 2
+
+
+def test_the_floor_arm_chooses_its_knobs_on_the_regimes_validation_rows(real_root, shared_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNISREC_X_CACHE", str(shared_cache))
+    monkeypatch.setattr(transfer, "QUICK_USERS", 300)  # a quick slice small enough to encode in seconds
+    results = tmp_path / "results"
+    users = user_sample("scientific/Scientific", 0.2, results, str(real_root), max_users=transfer.QUICK_USERS)
+    record = run_one(ARM["floor"], "scientific/Scientific", "20%", 1, results, tmp_path / "runs", users, None, True,
+                     str(real_root), 1)
+    assert record["chosen_on"] == "validation rows of the sampled users of the target"
+    grid = record["validation_ndcg@10"]
+    assert len(grid) == len(transfer.FLOOR_DECAYS) * len(transfer.FLOOR_BETAS)
+    knobs = record["knobs"]
+    assert grid[f"decay={knobs['decay']} beta={knobs['beta']}"] == max(grid.values())
+    assert 0 < record["metrics"]["ndcg@10"] < 1 and "long_tail/ndcg@10" in record["metrics"]
+    assert "--decays" in record["command"] and record["validation_users"] == "sampled"

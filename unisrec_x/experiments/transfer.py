@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from unisrec_x.errors import DataError
-from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, config_paths, positive_int, resolve_config,
-                                          run_process, seed_number)
+from unisrec_x.evaluation.baselines import FLOOR_BETAS, FLOOR_DECAYS
+from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, code_version, config_paths, positive_int,
+                                          resolve_config, run_process, seed_number)
 from unisrec_x.runtime.paths import atomic_write_bytes, resolve_data_path
-from unisrec_x.experiments.transfer_report import regime_slug, report, slug
+from unisrec_x.experiments.transfer_report import load_records, regime_slug, report, slug
 
 log = logging.getLogger(__name__)
 REGIMES = {"zero-shot": 0.0, "5%": 0.05, "20%": 0.20, "100%": 1.0}
@@ -65,16 +66,21 @@ class Arm:
     name: str
     label: str
     args: list[str] = field(default_factory=list)
-    kind: str = "fit"  # fit | test | popularity | text_knn
+    kind: str = "fit"  # fit | test | one of BASELINES
     pretrained: bool = False
     regimes: tuple[str, ...] = ("5%", "20%", "100%")
     in_quick: bool = False  # part of ``--quick`` (the main job: minutes, so only the arms its findings need)
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
+#: arms computed in this process, without training
+BASELINES = ("popularity", "text_knn", "floor")
 ARMS = [
     Arm("popularity", "Popularity (training counts)", kind="popularity", in_quick=True),
     Arm("text_knn", "Text-kNN (no training)", kind="text_knn", regimes=tuple(REGIMES), in_quick=True),
+    # issue 28: the strongest training-free ranker, its two knobs chosen on the regime's validation rows
+    Arm("floor", "Floor: decayed-history text-kNN + popularity (no training)", kind="floor", regimes=tuple(REGIMES),
+        in_quick=True),
     Arm("zero_shot", "Pretrained, zero-shot", ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *_PRE],
         kind="test", pretrained=True, regimes=("zero-shot",), in_quick=True),
     Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
@@ -234,13 +240,22 @@ def same_configs(recorded: dict | None, command: str) -> bool:
         digest == now[f] or LEGACY_CONFIG_DIGESTS.get(digest) == now[f] for f, digest in recorded.items())
 
 
-def finished(path: Path, command: str) -> dict | None:
-    """A result file made by exactly this command, under today's defaults and config files, else ``None``."""
+def validation_users(regime: str) -> str:
+    """Whose validation rows select a fit (early stopping, ``--select_initial``) and the floor's knobs: a
+    few-shot user has only the sampled users' labels (issue 28; ``--data.valid_users train_users``), a
+    full-data user everyone's. Records made before issue 28 validated few-shot fits on all users."""
+    return "sampled" if 0 < REGIMES.get(regime, 1.0) < 1 else "all"
+
+
+def finished(path: Path, command: str, regime: str | None = None) -> dict | None:
+    """A result file made by exactly this command, under today's defaults, config files and validation
+    protocol, else ``None``."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
     same = (record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION
-            and same_configs(record.get("configs"), command))
+            and same_configs(record.get("configs"), command)
+            and (regime is None or record.get("validation_users", "all") == validation_users(regime)))
     return record if same else None
 
 
@@ -313,10 +328,12 @@ def _curve(metrics_csv: Path) -> list[dict]:
     return rows
 
 
-def baseline(arm: Arm, target: str, users: Path | None, quick: bool, data_root: str | None) -> dict:
-    """Popularity or text-kNN on the target's test split, with the long-tail slice, in this process."""
-    from unisrec_x.evaluation.baselines import popularity, text_knn
+def baseline(arm: Arm, target: str, regime: str, users: Path | None, quick: bool, data_root: str | None,
+             pretraining: dict | None = None) -> tuple[dict, dict]:
+    """Popularity, text-kNN or the floor on the target's test split, with the long-tail slice, in this
+    process; and what was chosen on validation (the floor's knobs), for the record."""
     from unisrec_x.data.datamodule import SeqRecDataModule
+    from unisrec_x.evaluation.baselines import floor, popularity, text_knn
 
     data = SeqRecDataModule(target, data_root=data_root, train_users=None if users is None else str(users),
                             max_users=QUICK_USERS if quick else None)
@@ -324,8 +341,32 @@ def baseline(arm: Arm, target: str, users: Path | None, quick: bool, data_root: 
     long_tail = (torch.bincount(targets, minlength=data.num_items + 1), LONG_TAIL_MAX_COUNT)
     test = data.test_dataloader()
     if arm.kind == "popularity":
-        return popularity(targets, data.num_items, test, long_tail=long_tail)
-    return text_knn(data.item_features, test, long_tail=long_tail)
+        return popularity(targets, data.num_items, test, long_tail=long_tail), {}
+    if arm.kind == "text_knn":
+        return text_knn(data.item_features, test, long_tail=long_tail), {}
+    knobs, chosen = floor_knobs(data, targets, regime, quick, data_root, pretraining)
+    return floor(data.item_features, None if regime == "zero-shot" else targets, test, knobs, long_tail=long_tail), chosen
+
+
+def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root: str | None,
+                pretraining: dict | None) -> tuple:
+    """The floor's knobs, chosen on validation rows a user of the regime has: the regime's own (few-shot: the
+    sampled users'); zero-shot has no target labels, so the decay is chosen on the pretraining sources'
+    validation rows and there is no popularity prior (no target counts)."""
+    from unisrec_x.data.datamodule import SeqRecDataModule
+    from unisrec_x.evaluation.baselines import floor_grid
+
+    if regime != "zero-shot":
+        knobs, scores = floor_grid(data.item_features, targets, list(data.val_dataloader()))
+        where = f"validation rows of the {validation_users(regime)} users of the target"
+    else:
+        sources = (pretraining or {}).get("sources") or ["games", "toys"]
+        source_data = SeqRecDataModule(sources, data_root=data_root,
+                                       max_users=int(QUICK_PRETRAIN_FLAGS["--data.max_users"]) if quick else None)
+        knobs, scores = floor_grid(source_data.item_features, None, list(source_data.val_dataloader()))
+        where = f"validation rows of the pretraining sources {sources}"
+    return knobs, {"knobs": knobs._asdict(), "chosen_on": where,
+                   "validation_ndcg@10": {f"decay={d} beta={b}": round(v, 6) for (d, b), v in scores.items()}}
 
 
 def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, users: Path | None, pretrained: str | None,
@@ -333,30 +374,35 @@ def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, use
     """An arm's place (``<target>/<regime>/<arm>/seed<N>``, under the results and the runs folder) and the command
     that is its result's key."""
     where = Path(slug(target)) / regime_slug(regime) / arm.name / f"seed{seed}"
-    if arm.kind in ("popularity", "text_knn"):
-        return where, (f"baseline {arm.kind} --data.dataset {target} --data.train_users {users}"
+    if arm.kind in BASELINES:
+        grid = (f" --decays {' '.join(map(str, FLOOR_DECAYS))} --betas {' '.join(map(str, FLOOR_BETAS))}"
+                if arm.kind == "floor" else "")
+        return where, (f"baseline {arm.kind}{grid} --data.dataset {target} --data.train_users {users}"
                        + (f" --data.max_users {QUICK_USERS}" if quick else ""))
     return where, shlex.join(arm_command(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root))
 
 
 def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
-            pretrained: str | None, quick: bool, data_root: str | None, threads: int, report_only: bool = False) -> dict | None:
+            pretrained: str | None, quick: bool, data_root: str | None, threads: int, report_only: bool = False,
+            pretraining: dict | None = None) -> dict | None:
     """One (target, regime, arm, seed): reuse its result file if the command matches, else run it
     (``report_only``: else ``None``)."""
     where, command = keyed_command(arm, target, regime, seed, runs, users, pretrained, quick, data_root)
     result_path = results / where.with_suffix(".json")
-    record = finished(result_path, command)
+    record = finished(result_path, command, regime)
     if record or report_only:
         return record
     start = time.perf_counter()
-    if arm.kind in ("popularity", "text_knn"):
-        metrics, epochs, peak = baseline(arm, target, users, quick, data_root), 0, None
+    chosen = {}
+    if arm.kind in BASELINES:
+        (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
         run_process(shlex.split(command), runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
     record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
+              **code_version(), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,
               "seed": seed, "wall_s": round(time.perf_counter() - start, 1), "epochs": epochs, "peak_rss_mb": peak,
               "metrics": {k: round(v, 6) for k, v in metrics.items()}}
@@ -469,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, weights, quick, args.data_root,
-                               threads, args.report_only) for arm, target, regime, seed, users in jobs]
+                               threads, args.report_only, pretraining) for arm, target, regime, seed, users in jobs]
         try:
             for future in futures:
                 records.append(future.result())
@@ -481,5 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     if pending:
         log.warning("%d of %d runs of this plan are not finished yet; the report holds the others", pending, len(records))
     done = [r for r in records if r is not None]
-    report(done, ARMS, REGIMES, targets, regimes, pretraining, LONG_TAIL_MAX_COUNT, Path(args.report), suffix,
-           note=quick_note(done, targets) if quick else "")
+    # the report holds every record under the results folder, not only this plan's
+    everything = [r for r in load_records(results) if r["regime"] in REGIMES]
+    report_targets = list(dict.fromkeys([*targets, *(r["target"] for r in everything)]))
+    report_regimes = [r for r in REGIMES if r in regimes or any(x["regime"] == r for x in everything)]
+    report(everything, ARMS, REGIMES, report_targets, report_regimes, pretraining, LONG_TAIL_MAX_COUNT,
+           Path(args.report), suffix, note=quick_note(done, targets) if quick else "")

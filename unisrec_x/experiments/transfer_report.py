@@ -39,18 +39,38 @@ def regime_slug(regime: str) -> str:
     return regime.replace("%", "pct")
 
 
+#: How validation users were chosen, by the value records carry (records before issue 28 carry none: ``all``).
+PROTOCOLS = {"sampled": "few-shot fits and knobs are selected on the sampled users' validation rows only (a few-shot "
+                        "user has only their labels); every user is tested",
+             "all": "selected on every user's validation rows; every user is tested"}
+
+
+def load_records(results: Path) -> list[dict]:
+    """Every result record under ``results`` (``<target>/<regime>/<arm>/seed<N>.json``): a report is rebuilt from
+    all of them, so a run of part of the plan (one target, arm or seed) never drops the other rows."""
+    records = []
+    for path in sorted(results.glob("*/*/*/seed*.json")):
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and {"target", "regime", "arm", "seed", "metrics"} <= set(record):
+            records.append(record)
+    return records
+
+
 def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
-    """One row per (target, regime, arm, slice): mean and std over seeds of each reported metric."""
+    """One row per (target, regime, arm, validation protocol, slice): mean and std over seeds of each reported
+    metric, with the commits that made the seeds (``mixed_commits`` when they differ or are unknown)."""
     label = {a.name: a.label for a in arms}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["target"], r["regime"], r["arm"]), []).append(r)
+        groups.setdefault((r["target"], r["regime"], r["arm"], r.get("validation_users", "all")), []).append(r)
     rows = []
-    for (target, regime, arm), runs in groups.items():
+    for (target, regime, arm, validation), runs in groups.items():
         stats = summarise(runs)
+        commits = sorted({r.get("commit") or "unknown" for r in runs} | ({"dirty"} if any(r.get("dirty") for r in runs) else set()))
         for slice_name, prefix in SLICES:
             row = {"target": target, "regime": regime, "arm": arm, "label": label.get(arm, arm), "slice": slice_name,
-                   "seeds": sorted(r["seed"] for r in runs)}
+                   "validation_users": validation, "seeds": sorted(r["seed"] for r in runs), "commits": commits,
+                   "mixed_commits": len(runs) > 1 and (len(commits) > 1 or commits == ["unknown"])}
             if prefix:
                 counts = {r["metrics"].get("long_tail/rows") for r in runs}
                 row["rows"] = int(counts.pop()) if len(counts) == 1 and None not in counts else None
@@ -64,23 +84,39 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
 
 
 def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int) -> str:
-    """Per target and slice: arms down (in ``arms``' order), regimes across, N@10 (mean ± std over seeds)."""
+    """Per target and slice: arms down (in ``arms``' order), regimes across, N@10 (mean ± std over seeds); rows
+    of the current validation protocol, then any few-shot rows of the earlier one in their own tables."""
+    current = [r for r in rows if r["validation_users"] == ("sampled" if r["regime"] in ("5%", "20%") else "all")]
+    earlier = [r for r in rows if r not in current]
+    out = _tables(current, arms, targets, regimes, max_count, "")
+    if any(r["mixed_commits"] for r in current):
+        out.append("† seeds made by different commits of the package (or by an unknown one, before records named it).\n")
+    if earlier:
+        out.append("## Few-shot rows under the earlier protocol (selected on every user's validation rows)\n")
+        out += _tables(earlier, arms, targets, [r for r in regimes if r in ("5%", "20%")], max_count, " (earlier protocol)")
+    return "\n".join(out)
+
+
+def _tables(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int, heading: str) -> list[str]:
     out = []
     for target in targets:
+        if not any(r["target"] == target for r in rows):
+            continue
         for slice_name, _ in SLICES:
             title = "all test users" if slice_name == "all" else f"long-tail (target a training target <= {max_count} times)"
-            out += [f"### {target}, {title}", "", "| arm | " + " | ".join(f"N@10 {r}" for r in regimes) + " |",
+            out += [f"### {target}, {title}{heading}", "", "| arm | " + " | ".join(f"N@10 {r}" for r in regimes) + " |",
                     "|---|" + "---|" * len(regimes)]
             cells: dict[str, dict[str, str]] = {}
             for row in rows:
                 if row["target"] == target and row["slice"] == slice_name:
                     std = f" ± {row['ndcg@10_std']:.4f}" if len(row["seeds"]) > 1 else ""
-                    cells.setdefault(row["arm"], {})[row["regime"]] = f"{row['ndcg@10_mean']:.4f}{std}"
+                    mark = " †" if row["mixed_commits"] else ""
+                    cells.setdefault(row["arm"], {})[row["regime"]] = f"{row['ndcg@10_mean']:.4f}{std}{mark}"
             for arm in arms:
                 if arm.name in cells:
                     out.append(f"| {arm.label} | " + " | ".join(cells[arm.name].get(r, "") for r in regimes) + " |")
             out.append("")
-    return "\n".join(out)
+    return out
 
 
 def plot(rows: list[dict], arms: Sequence, shares: Mapping[str, float], target: str, path: Path) -> None:
@@ -112,6 +148,8 @@ def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], tar
     rows = rows_of(records, arms)
     atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
         {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
+         "protocol": {"validation_users": PROTOCOLS, "current": {"zero-shot": "all", "5%": "sampled", "20%": "sampled",
+                                                                  "100%": "all"}},
          "long_tail_max_count": max_count, "rows": rows, "pretraining": pretraining,
          **({"note": note} if note else {})}, indent=1).encode())
     table = markdown(rows, arms, targets, regimes, max_count)
@@ -119,5 +157,6 @@ def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], tar
         table = f"{note}\n\n{table}"
     atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
     for target in targets:
-        plot(rows, arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
+        plot([r for r in rows if r["validation_users"] == ("sampled" if 0 < shares[r["regime"]] < 1 else "all")],
+             arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
     print(table)
