@@ -412,3 +412,13 @@ def test_the_floor_arm_chooses_its_knobs_on_the_regimes_validation_rows(real_roo
     assert grid[f"decay={knobs['decay']} beta={knobs['beta']}"] == max(grid.values())
     assert 0 < record["metrics"]["ndcg@10"] < 1 and "long_tail/ndcg@10" in record["metrics"]
     assert "--decays" in record["command"] and record["validation_users"] == "sampled"
+
+
+def test_baseline_arms_carry_their_data_settings_into_the_key_and_the_datamodule(tmp_path):
+    arm = ARM["floor_mean"]
+    assert transfer.data_settings(arm) == {"pooling": "mean"}
+    _, command = transfer.keyed_command(arm, "office", "100%", 1, tmp_path, None, None, False, None)
+    _, plain = transfer.keyed_command(ARM["floor"], "office", "100%", 1, tmp_path, None, None, False, None)
+    assert command == plain + " --data.pooling mean"  # another setting is another result
+    with pytest.raises(ValueError, match="--data.NAME VALUE pairs"):
+        transfer.data_settings(transfer.Arm("odd", "Odd", ["--model.x", "1"], kind="floor"))

@@ -66,7 +66,7 @@ class Arm:
     name: str
     label: str
     args: list[str] = field(default_factory=list)
-    kind: str = "fit"  # fit | test | one of BASELINES
+    kind: str = "fit"  # fit | test | one of BASELINES (whose ``args`` are ``--data.NAME VALUE`` pairs)
     pretrained: bool = False
     regimes: tuple[str, ...] = ("5%", "20%", "100%")
     in_quick: bool = False  # part of ``--quick`` (the main job: minutes, so only the arms its findings need)
@@ -81,6 +81,10 @@ ARMS = [
     # issue 28: the strongest training-free ranker, its two knobs chosen on the regime's validation rows
     Arm("floor", "Floor: decayed-history text-kNN + popularity (no training)", kind="floor", regimes=tuple(REGIMES),
         in_quick=True),
+    # issue 28 #3: all-MiniLM-L6-v2 was trained for mean pooling; the project encodes with [CLS]
+    Arm("text_knn_mean", "Text-kNN, mean-pooled text vectors", ["--data.pooling", "mean"], kind="text_knn",
+        regimes=tuple(REGIMES)),
+    Arm("floor_mean", "Floor, mean-pooled text vectors", ["--data.pooling", "mean"], kind="floor", regimes=tuple(REGIMES)),
     Arm("zero_shot", "Pretrained, zero-shot", ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *_PRE],
         kind="test", pretrained=True, regimes=("zero-shot",), in_quick=True),
     Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
@@ -336,7 +340,7 @@ def baseline(arm: Arm, target: str, regime: str, users: Path | None, quick: bool
     from unisrec_x.evaluation.baselines import floor, popularity, text_knn
 
     data = SeqRecDataModule(target, data_root=data_root, train_users=None if users is None else str(users),
-                            max_users=QUICK_USERS if quick else None)
+                            max_users=QUICK_USERS if quick else None, **data_settings(arm))
     targets = data.examples("train").targets
     long_tail = (torch.bincount(targets, minlength=data.num_items + 1), LONG_TAIL_MAX_COUNT)
     test = data.test_dataloader()
@@ -344,12 +348,19 @@ def baseline(arm: Arm, target: str, regime: str, users: Path | None, quick: bool
         return popularity(targets, data.num_items, test, long_tail=long_tail), {}
     if arm.kind == "text_knn":
         return text_knn(data.item_features, test, long_tail=long_tail), {}
-    knobs, chosen = floor_knobs(data, targets, regime, quick, data_root, pretraining)
+    knobs, chosen = floor_knobs(data, targets, regime, quick, data_root, pretraining, data_settings(arm))
     return floor(data.item_features, None if regime == "zero-shot" else targets, test, knobs, long_tail=long_tail), chosen
 
 
+def data_settings(arm: Arm) -> dict[str, str]:
+    """A baseline arm's DataModule settings, from its ``--data.NAME VALUE`` pairs."""
+    if len(arm.args) % 2 or not all(flag.startswith("--data.") for flag in arm.args[::2]):
+        raise ValueError(f"baseline arm {arm.name}: args must be --data.NAME VALUE pairs, got {arm.args}")
+    return {flag.removeprefix("--data."): value for flag, value in zip(arm.args[::2], arm.args[1::2])}
+
+
 def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root: str | None,
-                pretraining: dict | None) -> tuple:
+                pretraining: dict | None, settings: dict[str, str] | None = None) -> tuple:
     """The floor's knobs, chosen on validation rows a user of the regime has: the regime's own (few-shot: the
     sampled users'); zero-shot has no target labels, so the decay is chosen on the pretraining sources'
     validation rows and there is no popularity prior (no target counts)."""
@@ -361,7 +372,7 @@ def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root
         where = f"validation rows of the {validation_users(regime)} users of the target"
     else:
         sources = (pretraining or {}).get("sources") or ["games", "toys"]
-        source_data = SeqRecDataModule(sources, data_root=data_root,
+        source_data = SeqRecDataModule(sources, data_root=data_root, **(settings or {}),
                                        max_users=int(QUICK_PRETRAIN_FLAGS["--data.max_users"]) if quick else None)
         knobs, scores = floor_grid(source_data.item_features, None, list(source_data.val_dataloader()))
         where = f"validation rows of the pretraining sources {sources}"
@@ -378,7 +389,7 @@ def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, use
         grid = (f" --decays {' '.join(map(str, FLOOR_DECAYS))} --betas {' '.join(map(str, FLOOR_BETAS))}"
                 if arm.kind == "floor" else "")
         return where, (f"baseline {arm.kind}{grid} --data.dataset {target} --data.train_users {users}"
-                       + (f" --data.max_users {QUICK_USERS}" if quick else ""))
+                       + (f" --data.max_users {QUICK_USERS}" if quick else "") + "".join(f" {w}" for w in arm.args))
     return where, shlex.join(arm_command(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root))
 
 
