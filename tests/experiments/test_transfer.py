@@ -99,19 +99,23 @@ def test_report_only_reports_finished_arms_and_runs_nothing(real_root, tmp_path,
     assert (tmp_path / "out" / "transfer-scientific-Scientific.png").exists()
 
 
-def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
-    config = tmp_path / "arm.yaml"
-    config.write_text("model: {}\n")
-    arm = transfer.Arm("custom", "Custom", ["-c", str(config)])
-    calls = []
-
+def _recording_fit(calls: list):
+    """A stand-in for ``run_process`` that records each command and writes a finished fit's test metrics."""
     def fake_run(cmd, run_dir, threads):
         calls.append(cmd)
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07}
         (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3}))
 
-    monkeypatch.setattr(transfer, "run_process", fake_run)
+    return fake_run
+
+
+def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
+    config = tmp_path / "arm.yaml"
+    config.write_text("model: {}\n")
+    arm = transfer.Arm("custom", "Custom", ["-c", str(config)])
+    calls = []
+    monkeypatch.setattr(transfer, "run_process", _recording_fit(calls))
     args = (arm, "office", "100%", 1, tmp_path / "results", tmp_path / "runs", None, None, False, None, 1)
     first = run_one(*args)
     assert str(config) in first["configs"] and run_one(*args) == first and len(calls) == 1
@@ -379,14 +383,7 @@ def test_few_shot_records_of_the_earlier_protocol_are_not_reused(real_root, tmp_
     results = tmp_path / "results"
     users = user_sample("scientific/Scientific", 0.05, results, str(real_root))
     calls = []
-
-    def fake_run(cmd, run_dir, threads):
-        calls.append(cmd)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07}
-        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3}))
-
-    monkeypatch.setattr(transfer, "run_process", fake_run)
+    monkeypatch.setattr(transfer, "run_process", _recording_fit(calls))
     args = (ARM["sasrec"], "scientific/Scientific", "5%", 1, results, tmp_path / "runs", users, None, False, str(real_root), 1)
     first = run_one(*args)
     assert first["validation_users"] == "sampled" and len(first["commit"] or "x" * 40) == 40 and "dirty" in first
