@@ -13,6 +13,7 @@ exact command, committed, so a later session continues where the last one stoppe
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -364,20 +365,29 @@ def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root
     """The floor's knobs, chosen on validation rows a user of the regime has: the regime's own (few-shot: the
     sampled users'); zero-shot has no target labels, so the decay is chosen on the pretraining sources'
     validation rows and there is no popularity prior (no target counts)."""
-    from unisrec_x.data.datamodule import SeqRecDataModule
     from unisrec_x.evaluation.baselines import floor_grid
 
     if regime != "zero-shot":
         knobs, scores = floor_grid(data.item_features, targets, list(data.val_dataloader()))
         where = f"validation rows of the {validation_users(regime)} users of the target"
     else:
-        sources = (pretraining or {}).get("sources") or ["games", "toys"]
-        source_data = SeqRecDataModule(sources, data_root=data_root, **(settings or {}),
-                                       max_users=int(QUICK_PRETRAIN_FLAGS["--data.max_users"]) if quick else None)
-        knobs, scores = floor_grid(source_data.item_features, None, list(source_data.val_dataloader()))
-        where = f"validation rows of the pretraining sources {sources}"
+        sources = tuple((pretraining or {}).get("sources") or ["games", "toys"])
+        knobs, scores = _sources_floor_grid(sources, quick, data_root, tuple(sorted((settings or {}).items())))
+        where = f"validation rows of the pretraining sources {list(sources)}"
     return knobs, {"knobs": knobs._asdict(), "chosen_on": where,
                    "validation_ndcg@10": {f"decay={d} beta={b}": round(v, 6) for (d, b), v in scores.items()}}
+
+
+@functools.lru_cache(maxsize=4)
+def _sources_floor_grid(sources: tuple[str, ...], quick: bool, data_root: str | None, settings: tuple) -> tuple:
+    """The zero-shot floor's decay grid on the sources' validation rows: the same for every target, so computed
+    once per process (loading and ranking ~65k source histories against ~29k items took minutes per target)."""
+    from unisrec_x.data.datamodule import SeqRecDataModule
+    from unisrec_x.evaluation.baselines import floor_grid
+
+    source_data = SeqRecDataModule(list(sources), data_root=data_root, **dict(settings),
+                                   max_users=int(QUICK_PRETRAIN_FLAGS["--data.max_users"]) if quick else None)
+    return floor_grid(source_data.item_features, None, list(source_data.val_dataloader()))
 
 
 def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, users: Path | None, pretrained: str | None,
