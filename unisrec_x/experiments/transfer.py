@@ -74,6 +74,10 @@ class Arm:
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
+HISTORY_DECAY = ["--model.init_args.net.init_args.history_decay", "0.25",
+                 "--model.init_args.net.init_args.learn_history_decay", "true"]
+POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
+                    "--model.init_args.net.init_args.popularity_weight", "0.43"]
 #: arms computed in this process, without training
 BASELINES = ("popularity", "text_knn", "floor")
 ARMS = [
@@ -116,6 +120,15 @@ ARMS = [
     Arm("scratch_text_codes_md", "Scratch, text + codes, memory dropout 0.75",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL,
          "--model.init_args.net.init_args.memory_dropout", "0.75"], regimes=("5%",)),
+    # issue 28 #4: models that start at the floor, each switch alone and both, measured on validation before
+    # either becomes the default: the query carries the decayed history (learned, from the floor's usual 0.25),
+    # the score a learned popularity prior (from the floor's beta 0.03 on the logit scale: 0.03 / temperature 0.07)
+    Arm("scratch_text_codes_decay", "Scratch, text + codes, learned history decay",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *HISTORY_DECAY]),
+    Arm("scratch_text_codes_prior", "Scratch, text + codes, popularity prior",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *POPULARITY_PRIOR]),
+    Arm("scratch_text_codes_floorstart", "Scratch, text + codes, history decay + popularity prior",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *HISTORY_DECAY, *POPULARITY_PRIOR]),
 ]
 
 
@@ -422,6 +435,8 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         run_process(shlex.split(command), runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
+        if out.get("best_validation"):  # what the fit was selected on (the sampled users' rows in few-shot regimes)
+            chosen = {"best_validation": out["best_validation"]}
     record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
               **code_version(), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,

@@ -27,6 +27,16 @@ def peak_rss_mb() -> int:
     return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024)
 
 
+def best_validation(trainer: pl.Trainer) -> dict[str, float] | None:
+    """The monitored validation score of the best epoch (what early stopping chose on), or ``None`` when nothing
+    was fitted: a record keeps it so that choices between settings can be made on validation, never on test."""
+    checkpoints = trainer.checkpoint_callback
+    score = getattr(checkpoints, "best_model_score", None)
+    if score is None or not getattr(checkpoints, "monitor", None):
+        return None
+    return {checkpoints.monitor: round(float(score), 6)}
+
+
 class TestMetricsWriter(pl.Callback):
     """After ``test``, writes ``test_metrics.json``: metrics, the checkpoint they came from, timings."""
 
@@ -48,6 +58,7 @@ class TestMetricsWriter(pl.Callback):
         metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in trainer.callback_metrics.items()
                    if k.startswith("test/")}
         payload = {"metrics": metrics, "checkpoint": trainer.ckpt_path, "epochs_trained": trainer.current_epoch,
+                   "best_validation": best_validation(trainer),
                    "fit_seconds": None if self.fit_seconds is None else round(self.fit_seconds, 1),
                    "peak_rss_mb": peak_rss_mb()}
         path = run_dir(trainer) / self.filename
