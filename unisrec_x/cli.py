@@ -109,6 +109,14 @@ class UniSRecCLI(LightningCLI):
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
                             "it climbs may need more")
 
+    @staticmethod
+    def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
+        """LightningCLI's, with a text top's layers in their own parameter group at the module's ``text_top_lr``
+        (a pretrained Transformer fine-tunes at ~1e-5, the rest of the model at ~1e-3)."""
+        if hasattr(lightning_module, "text_top_parameter_group"):
+            lightning_module.text_top_parameter_group(optimizer)
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+
     def _parse_ckpt_path(self) -> None:
         """Open ``--ckpt_path`` through our reader first: a missing, truncated or code-carrying file
         gets a one-line error naming it instead of a torch traceback."""

@@ -145,6 +145,31 @@ class SeqRecDataModule(pl.LightningDataModule):
         """Text vectors (num_items + 1, feature_dim), one cached matrix per domain; row 0 (padding) is zero."""
         return self._features(self.cache)
 
+    def text_top_inputs(self, top_layers: int, load_weights: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                                   list[dict[str, torch.Tensor]] | None]:
+        """What a text top of ``top_layers`` layers reads (``UniSRec.text_top_layers``): the token states of every
+        item after the encoder's frozen layers (``flat`` (tokens, dim) float16, memory-mapped for one domain;
+        ``offsets`` (num_items + 2,), item 0 (padding) empty), cached per domain; and, with ``load_weights``, the
+        encoder's own last ``top_layers`` layers' weights, the top's start."""
+        from unisrec_x.items.encoder import TextEncoder
+        from unisrec_x.items.token_states import TokenStateCache, encoder_shape, top_layer_weights
+
+        shape = encoder_shape(self.cache.encoder)
+        if not 1 <= top_layers <= shape.layers:
+            raise ValueError(f"text_top_layers={top_layers} does not fit {self.cache.encoder} ({shape.layers} layers)")
+        cache = TokenStateCache(self.cache.encoder, shape.layers - top_layers, self.cache.max_length, self.cache.batch_size)
+        parts = [cache.get(d.item_texts, name=d.name.lower()) for d in self.data.domains]
+        if len(parts) == 1:
+            flat = torch.from_numpy(parts[0][0])
+        else:
+            flat = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        starts = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+        offsets = np.concatenate([[0], *[p[1][:-1] + start for p, start in zip(parts, starts)], [len(flat)]])
+        weights = None
+        if load_weights:
+            weights = top_layer_weights(TextEncoder(self.cache.encoder, self.cache.pooling, self.cache.max_length), top_layers)
+        return (flat, torch.from_numpy(offsets.astype(np.int64))), weights
+
     def item_codes(self, digits: int, codes_per_digit: int) -> ItemCodes:
         """Codes of every item (``ItemCodes.codes``: (num_items, digits + 1)), fitted on the text vectors
         with ``code_method`` and cached beside them."""

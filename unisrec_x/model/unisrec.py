@@ -7,7 +7,8 @@ shares every other line with the model it is compared against.
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from unisrec_x.model.moe_adapter import MoEAdapter
 from unisrec_x.model.seq_encoder import SequenceEncoder
+from unisrec_x.model.text_top import TextTop
 
 Similarity = Literal["cosine", "dot"]
 
@@ -29,7 +31,9 @@ class UniSRec(nn.Module):
                  temperature: float = 0.07, last_item_residual: bool = False, use_codes: bool = False,
                  code_digits: int = 32, codes_per_digit: int = 256, memory_dropout: float = 0.0,
                  memory_scale: float = 1.0, history_decay: float = 0.0, learn_history_decay: bool = False,
-                 popularity_prior: bool = False, popularity_weight: float = 0.0) -> None:
+                 popularity_prior: bool = False, popularity_weight: float = 0.0, text_top_layers: int = 0,
+                 text_top_heads: int = 12, text_top_inner_dim: int = 1536, text_top_pooling: str = "cls",
+                 text_top_dropout: float = 0.1, text_top_eps: float = 1e-12) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -76,6 +80,13 @@ class UniSRec(nn.Module):
                 never fit on its domain (zero-shot) has all counts 0. Rides along as one more coordinate of
                 ``query_vectors`` and ``candidate_vectors``, so every scoring path carries it.
             popularity_weight: the prior's initial ``w`` (on the logit scale: cosine / temperature).
+            text_top_layers: train the text encoder's last this many layers (``model/text_top.py``; 0: the
+                encoder stays frozen). The text vectors then come from the top over cached token states of the
+                frozen layers below; the training module installs those and the encoder's own layer weights.
+            text_top_heads, text_top_inner_dim, text_top_eps: the encoder's attention heads, feed-forward
+                size and LayerNorm epsilon (all-MiniLM-L6-v2's by default; ``plm_dim`` is its hidden size).
+            text_top_pooling: ``cls`` or ``mean``: how the top pools its tokens into the item's text vector.
+            text_top_dropout: the top's dropout while training (BERT's 0.1).
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -102,6 +113,8 @@ class UniSRec(nn.Module):
             raise ValueError(f"memory_dropout must lie in [0, 1), got {memory_dropout}")
         if memory_scale <= 0:
             raise ValueError(f"memory_scale must be positive, got {memory_scale}")
+        if text_top_layers < 0 or (text_top_layers and not use_text):
+            raise ValueError(f"text_top_layers must be 0, or positive with use_text=True; got {text_top_layers}")
         if popularity_weight != 0 and not popularity_prior:
             raise ValueError("popularity_weight is the popularity prior's initial weight: set popularity_prior=True")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
@@ -127,7 +140,11 @@ class UniSRec(nn.Module):
             self.popularity_weight = nn.Parameter(torch.tensor(float(popularity_weight)))
             self.register_buffer("popularity_counts", torch.zeros(num_items + 1, dtype=torch.long))
         # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
+        # With a text top, its table of every item's vector (refresh_text_table).
         self.register_buffer("item_features", torch.zeros(0, plm_dim), persistent=False)
+        self.text_top = (TextTop(plm_dim, text_top_layers, text_top_heads, text_top_inner_dim, text_top_pooling,
+                                 text_top_eps, text_top_dropout) if text_top_layers else None)
+        self._fresh_features: torch.Tensor | None = None  # inside fresh_text: the table with the step's rows fresh
 
     def set_item_features(self, features: torch.Tensor) -> None:
         """Install the text vectors, (num_items + 1, plm_dim) with row 0 the padding item."""
@@ -137,6 +154,27 @@ class UniSRec(nn.Module):
             sized = "the ID embedding" if self.use_item_id else "the popularity counts"
             raise ValueError(f"text features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
         self.item_features = features.to(self._device, torch.float32)
+
+    def refresh_text_table(self) -> None:
+        """Recompute every item's text vector from the text top (no gradients): the table that items outside
+        a step's fresh rows, and evaluation, read."""
+        if self.text_top is None:
+            raise ValueError("this model has no text top (text_top_layers=0)")
+        self.set_item_features(self.text_top.table())
+
+    @contextlib.contextmanager
+    def fresh_text(self, ids: torch.Tensor | None) -> Iterator[None]:
+        """Inside the block, the items ``ids`` (unique) get their text vectors from the top, with gradients;
+        every other item reads the table. Without a text top (or ``ids`` None) the block runs as it is."""
+        if self.text_top is None or ids is None:
+            yield
+            return
+        ids = ids.to(self.item_features.device)
+        self._fresh_features = self.item_features.index_copy(0, ids, self.text_top.encode(ids).to(self.item_features))
+        try:
+            yield
+        finally:
+            self._fresh_features = None
 
     def set_item_codes(self, codes: torch.Tensor) -> None:
         """Install the item codes, (num_items + 1, code_digits + 1) with row 0 the padding item."""
@@ -197,9 +235,10 @@ class UniSRec(nn.Module):
         """
         vectors = None
         if self.use_text:
-            if self.item_features.shape[0] == 0:
+            features = self.item_features if self._fresh_features is None else self._fresh_features
+            if features.shape[0] == 0:
                 raise RuntimeError("UniSRec uses text but has no item features: call set_item_features first")
-            vectors = self.adapter(self.item_features if ids is None else self.item_features[ids])
+            vectors = self.adapter(features if ids is None else features[ids])
         if self.item_embedding is not None:
             ids_part = self.item_embedding.weight if ids is None else self.item_embedding(ids)
             if self.training and self.memory_dropout > 0:  # whole rows: an item keeps all of its ID or none,

@@ -38,12 +38,15 @@ def load_checkpoint(path: Path, data_root: str | None) -> ModelParts:
     net = UniSRec(**net_args)
     load_weights(net, state, path)
     tokens, texts = _merged_items(data, net.use_text or net.use_codes)
-    features = data.item_features if net.use_text else None
+    frozen = features = data.item_features if net.use_text else None
+    if net.text_top is not None:  # the trained top's vectors over the frozen layers' token states
+        net.text_top.set_states(*data.text_top_inputs(len(net.text_top.layers), load_weights=False)[0])
+        features = net.text_top.table()
     codes = None
     if net.use_codes:  # the codes it was trained with; checkpoints written before they carried them: refit
         stored = checkpoint.get(CHECKPOINT_KEY)
         codes = (checked_state(stored, len(tokens), net.code_digits, net.codes_per_digit, net.plm_dim,
-                               None if features is None else features[1:].numpy(), path) if stored is not None
+                               None if frozen is None else frozen[1:].numpy(), path) if stored is not None
                  else data.item_codes(net.code_digits, net.codes_per_digit))
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)

@@ -109,7 +109,9 @@ def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
                         f"{len(tokens)} (expected the same count)", manifest_path)
     features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, net.plm_dim)
                 if net.use_text else None)
-    codes = _read_codes(directory, files, manifest.get("codes"), net, len(tokens), features) if net.use_codes else None
+    # a text top's stored vectors are not the frozen ones the quantizer was fitted on: nothing to compare
+    codes = (_read_codes(directory, files, manifest.get("codes"), net, len(tokens),
+                         None if net.text_top is not None else features) if net.use_codes else None)
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
     fingerprint = None

@@ -117,6 +117,32 @@ class Recommendation(NamedTuple):
     alias: str = ""  # another name of the item (e.g. the ASIN behind a release's integer index), if known
 
 
+class TopEncoder:
+    """How a model with a trained text top encodes texts: the encoder's frozen layers, then the model's top."""
+
+    def __init__(self, encoder, top) -> None:
+        self.encoder, self.top = encoder, top
+        self.frozen_layers = len(encoder.model.encoder.layer) - len(top.layers)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        from unisrec_x.items.token_states import token_states
+
+        states = token_states(self.encoder, texts, self.frozen_layers)
+        length = max(len(s) for s in states)
+        padded = torch.zeros(len(states), length, self.top.dim)
+        keep = torch.zeros(len(states), length, dtype=torch.bool)
+        for row, s in enumerate(states):
+            padded[row, :len(s)] = torch.from_numpy(s)
+            keep[row, :len(s)] = True
+        was_training = self.top.training
+        self.top.eval()
+        try:
+            return self.top(padded, keep).float().numpy()
+        finally:
+            self.top.train(was_training)
+
+
 class Recommender:
     """Batch next-item recommendation over the whole catalog, with new items addable at run time."""
 
@@ -305,6 +331,9 @@ class Recommender:
         """
         if not (self.net.use_text or self.net.use_codes):
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
+        if self.net.text_top is not None and self.net.use_codes:
+            raise RequestError("this model has a trained text top and item codes: a new item's codes come from its "
+                               "frozen-encoder vector, which add_items does not compute yet; new items need retraining")
         if not items:
             raise RequestError("no items given")
         tokens = list(items)
@@ -389,6 +418,8 @@ class Recommender:
 
             encoder = TextEncoder(self.text.encoder, self.text.pooling, self.text.max_tokens, self.text.batch_size,
                                   self.text.precision)
+            if self.net.text_top is not None:
+                encoder = TopEncoder(encoder, self.net.text_top)
             verify_text_encoder(self, encoder)  # refused: not kept, so every later call refuses too
             self._text_encoder = encoder
         return self._text_encoder

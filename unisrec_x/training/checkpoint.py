@@ -23,7 +23,7 @@ from unisrec_x.model.unisrec import UniSRec
 #: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts)
 NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight")
 #: may be missing from a pretrained checkpoint (one pretrained without it): kept at the model's own start
-FRESH_IF_ABSENT = ("encoder.learned_history_decay",)
+FRESH_IF_ABSENT = ("encoder.learned_history_decay", "text_top.")
 
 
 def read_state_dict(path: str | Path, source: BinaryIO | None = None) -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ def load_pretrained(net: UniSRec, path: str | Path) -> list[str]:
     """Copy pretrained weights into ``net``; returns the keys left at their fresh initialisation."""
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(NON_TRANSFERABLE)}
     own = net.state_dict()
-    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE) or (k in FRESH_IF_ABSENT and k not in state)]
+    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE) or (k.startswith(FRESH_IF_ABSENT) and k not in state)]
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - set(fresh))
     if unexpected or missing:

@@ -56,7 +56,8 @@ class SeqRecModule(pl.LightningModule):
                  freeze_encoder: bool = False, loss: Literal["full", "sampled"] = "full", num_negatives: int = 1024,
                  negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
                  loss_chunk_rows: int = 4096, encoder_chunk_tokens: int | None = 4096,
-                 long_tail_max_count: int | None = 5) -> None:
+                 long_tail_max_count: int | None = 5, text_fresh: Literal["targets", "batch"] = "targets",
+                 text_refresh_steps: int = 50, text_top_lr: float = 3e-5) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -81,6 +82,12 @@ class SeqRecModule(pl.LightningModule):
             long_tail_max_count: the test pass also reports ``test/long_tail/*``: the metrics over the rows
                 whose target occurs at most this often among the training targets (rare items, where
                 text and pretraining should matter most); ``None`` turns it off.
+            text_fresh: with a text top (``UniSRec.text_top_layers``), the items whose text vectors a step
+                computes through the top, with gradients: the batch's ``targets`` (cheap: the top learns from
+                the positives), or every item of the ``batch`` (histories too). The rest read the table.
+            text_refresh_steps: with a text top, the table of every item's vector is recomputed every this many
+                steps, and before every validation and test pass.
+            text_top_lr: with a text top, its layers' learning rate (their own optimizer parameter group).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +102,12 @@ class SeqRecModule(pl.LightningModule):
         self.eval_chunk_size, self.loss_chunk_rows = eval_chunk_size, loss_chunk_rows
         self.encoder_chunk_tokens = encoder_chunk_tokens
         self.long_tail_max_count = long_tail_max_count
+        if text_fresh not in ("targets", "batch"):
+            raise ValueError(f"text_fresh must be 'targets' or 'batch', got {text_fresh!r}")
+        if text_refresh_steps < 1:
+            raise ValueError(f"text_refresh_steps must be at least 1, got {text_refresh_steps}")
+        self.text_fresh, self.text_refresh_steps, self.text_top_lr = text_fresh, text_refresh_steps, text_top_lr
+        self._table_step: int | None = None  # the step the text top's table was computed at
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
@@ -112,6 +125,8 @@ class SeqRecModule(pl.LightningModule):
             return
         if self.net.use_text:
             self.net.set_item_features(self.datamodule.item_features)
+        if self.net.text_top is not None:
+            self.install_text_top()
         if self.net.use_codes:
             self.net.set_item_codes(self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).table())
         targets = self.datamodule.examples("train").targets
@@ -120,6 +135,53 @@ class SeqRecModule(pl.LightningModule):
             self.set_training_targets(targets)
             if self.net.popularity_prior:  # only a fit counts: a test or validate run takes the saved counts, and
                 self.net.set_popularity_counts(self.train_counts)  # zero-shot (never fit here) keeps all at 0
+
+    def install_text_top(self) -> None:
+        """The frozen layers' token states from the data, and (unless a checkpoint or pretrained model
+        already set them) the encoder's own top-layer weights as the top's start."""
+        top = self.net.text_top
+        frozen, layers = self.datamodule.text_top_inputs(len(top.layers), load_weights=not bool(top.initialised))
+        top.set_states(*frozen)
+        if layers is not None:
+            top.load_layers(layers)
+        self._table_step = None
+
+    def text_top_parameter_group(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move the text top's parameters into a group of their own at ``text_top_lr`` (before any step, so a
+        resumed fit builds the same groups its saved optimizer state has)."""
+        if self.net.text_top is None:
+            return
+        top = {id(p) for p in self.net.text_top.parameters()}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in top]
+        optimizer.add_param_group({"params": [p for p in self.net.text_top.parameters() if p.requires_grad],
+                                   "lr": self.text_top_lr})
+
+    def refresh_text_table(self) -> None:
+        """The text top's table of every item's vector, from its current weights (a no-op without a top)."""
+        if self.net.text_top is not None and self.net.text_top.flat is not None:
+            self.net.refresh_text_table()
+            self._table_step = self.global_step
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.net.text_top is not None and (self._table_step is None
+                                              or self.global_step - self._table_step >= self.text_refresh_steps):
+            self.refresh_text_table()
+
+    def on_validation_epoch_start(self) -> None:
+        self.refresh_text_table()
+
+    def on_test_epoch_start(self) -> None:
+        self.refresh_text_table()
+
+    def fresh_text_ids(self, batch: SeqBatch | PositionBatch) -> torch.Tensor | None:
+        """The items whose text vectors this step computes through the text top (``text_fresh``); ``None``
+        without a top."""
+        if self.net.text_top is None:
+            return None
+        items = batch.target if self.text_fresh == "targets" else torch.cat([batch.target.flatten(), batch.item_seq.flatten()])
+        items = torch.unique(items)
+        return items[items > 0]
 
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
@@ -139,10 +201,11 @@ class SeqRecModule(pl.LightningModule):
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
         path = self.loss_path(batch)
-        if path == "sampled":
-            loss = self._sampled_loss(batch)
-        else:
-            loss = self._full_loss(batch, self.net.item_table(), path)  # the item table once per step
+        with self.net.fresh_text(self.fresh_text_ids(batch)):
+            if path == "sampled":
+                loss = self._sampled_loss(batch)
+            else:
+                loss = self._full_loss(batch, self.net.item_table(), path)  # the item table once per step
         check_finite(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=int((batch.target > 0).sum()))
         return loss

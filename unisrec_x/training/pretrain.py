@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from unisrec_x.data.augment import item_drop, word_drop_positions
@@ -27,7 +29,9 @@ class PretrainModule(SeqRecModule):
 
     def __init__(self, net: UniSRec, lambda_seq_seq: float = 1e-3, item_drop_view_prob: float = 0.9,
                  item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None,
-                 negatives: int = 0, encoder_chunk_tokens: int | None = None) -> None:
+                 negatives: int = 0, encoder_chunk_tokens: int | None = None,
+                 text_fresh: Literal["targets", "batch"] = "targets", text_refresh_steps: int = 50,
+                 text_top_lr: float = 3e-5) -> None:
         """
         Args:
             net: a text-only UniSRec (item IDs do not transfer across domains).
@@ -43,6 +47,7 @@ class PretrainModule(SeqRecModule):
             encoder_chunk_tokens: bound on the positions encoded at once (``SeqRecModule``). Off by
                 default: here chunks are checkpointed (recomputed in backward), as the sequence-sequence
                 task couples a batch's rows; set it for sources with long histories.
+            text_fresh, text_refresh_steps, text_top_lr: with a text top, as in ``SeqRecModule``.
         """
         if net.use_item_id or net.use_codes:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
@@ -50,8 +55,12 @@ class PretrainModule(SeqRecModule):
         if net.popularity_prior:
             raise ValueError("pretraining merges domains, whose item counts mean nothing in a target domain: use "
                              "popularity_prior=False here and turn it on for the fine-tune (its counts start from its own data)")
+        if net.text_top is not None and lambda_seq_seq > 0 and item_drop_view_prob < 1:
+            raise ValueError("word-drop views swap in frozen-encoder vectors, which a text top replaces: with "
+                             "text_top_layers > 0 set item_drop_view_prob=1 (item-drop views only) or lambda_seq_seq=0")
         super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives,
-                         encoder_chunk_tokens=encoder_chunk_tokens)
+                         encoder_chunk_tokens=encoder_chunk_tokens, text_fresh=text_fresh,
+                         text_refresh_steps=text_refresh_steps, text_top_lr=text_top_lr)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
 
@@ -75,6 +84,10 @@ class PretrainModule(SeqRecModule):
         return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
+        with self.net.fresh_text(self.fresh_text_ids(batch)):
+            return self._training_loss(batch)
+
+    def _training_loss(self, batch: SeqBatch | PositionBatch) -> torch.Tensor:
         # Both tasks read only the batch's histories, targets (and negatives): adapt those items, not the catalog.
         sampled = self.loss == "sampled"
         if sampled and self.sampler is None:
