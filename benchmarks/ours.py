@@ -14,6 +14,8 @@ VARIANTS = {
     "sasrec": {"use_text": False, "use_item_id": True, "similarity": "dot"},
     "unisrec_transductive": {"use_text": True, "use_item_id": True, "similarity": "cosine"},
 }
+#: arms of other benchmarks, built the same way
+OTHER_VARIANTS = {"unisrec_inductive": {"use_text": True, "use_item_id": False, "similarity": "cosine"}}
 
 
 def scientific(data_root: str | None, batch_size: int = 2048, length_bucketing: bool = True,
@@ -22,9 +24,11 @@ def scientific(data_root: str | None, batch_size: int = 2048, length_bucketing: 
                             eval_batch_size=1024, length_bucketing=length_bucketing, training_examples=training_examples)
 
 
-def build(data: SeqRecDataModule, variant: str, seed: int = 2022, **module_args) -> SeqRecModule:
+def build(data: SeqRecDataModule, variant: str, seed: int = 2022, net_args: dict | None = None,
+          **module_args) -> SeqRecModule:
     torch.manual_seed(seed)
-    net = UniSRec(num_items=data.num_items, plm_dim=data.feature_dim, **VARIANTS[variant])
+    net = UniSRec(num_items=data.num_items, plm_dim=data.feature_dim, **{**VARIANTS, **OTHER_VARIANTS}[variant],
+                  **(net_args or {}))
     module = SeqRecModule(net, **module_args)
     if net.use_text:
         net.set_item_features(data.item_features)

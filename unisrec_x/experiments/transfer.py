@@ -76,6 +76,9 @@ class Arm:
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
 HISTORY_DECAY = ["--model.init_args.net.init_args.history_decay", "0.25",
                  "--model.init_args.net.init_args.learn_history_decay", "true"]
+#: issue 29: the text encoder's last layer trained with the model (``tuned`` in the arm id), 256 of each step's
+#: target items through it (benchmarks/README.md: a step's cost grows with them)
+TEXT_TOP = ["--model.init_args.net.init_args.text_top_layers", "1", "--model.init_args.text_fresh_max", "256"]
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
 #: arms computed in this process, without training
@@ -129,6 +132,10 @@ ARMS = [
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *POPULARITY_PRIOR]),
     Arm("scratch_text_codes_floorstart", "Scratch, text + codes, history decay + popularity prior",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *HISTORY_DECAY, *POPULARITY_PRIOR]),
+    Arm("scratch_text_codes_tuned1", "Scratch, text + codes, encoder's last layer trained",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *TEXT_TOP]),
+    Arm("scratch_inductive_tuned1", "Scratch, inductive (text), encoder's last layer trained",
+        ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL, *TEXT_TOP]),
 ]
 
 

@@ -57,7 +57,7 @@ class SeqRecModule(pl.LightningModule):
                  negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
                  loss_chunk_rows: int = 4096, encoder_chunk_tokens: int | None = 4096,
                  long_tail_max_count: int | None = 5, text_fresh: Literal["targets", "batch"] = "targets",
-                 text_refresh_steps: int = 50, text_top_lr: float = 3e-5) -> None:
+                 text_refresh_steps: int = 50, text_top_lr: float = 3e-5, text_fresh_max: int | None = None) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -88,6 +88,9 @@ class SeqRecModule(pl.LightningModule):
             text_refresh_steps: with a text top, the table of every item's vector is recomputed every this many
                 steps, and before every validation and test pass.
             text_top_lr: with a text top, its layers' learning rate (their own optimizer parameter group).
+            text_fresh_max: at most this many fresh items a step, drawn at random from those ``text_fresh`` names
+                (the top's cost is linear in them: ~3x a table refresh's per item, benchmarks/README.md);
+                ``None``: all of them.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -106,7 +109,10 @@ class SeqRecModule(pl.LightningModule):
             raise ValueError(f"text_fresh must be 'targets' or 'batch', got {text_fresh!r}")
         if text_refresh_steps < 1:
             raise ValueError(f"text_refresh_steps must be at least 1, got {text_refresh_steps}")
+        if text_fresh_max is not None and text_fresh_max < 1:
+            raise ValueError(f"text_fresh_max must be at least 1 (or None: all), got {text_fresh_max}")
         self.text_fresh, self.text_refresh_steps, self.text_top_lr = text_fresh, text_refresh_steps, text_top_lr
+        self.text_fresh_max = text_fresh_max
         self._table_step: int | None = None  # the step the text top's table was computed at
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
@@ -181,7 +187,10 @@ class SeqRecModule(pl.LightningModule):
             return None
         items = batch.target if self.text_fresh == "targets" else torch.cat([batch.target.flatten(), batch.item_seq.flatten()])
         items = torch.unique(items)
-        return items[items > 0]
+        items = items[items > 0]
+        if self.text_fresh_max is not None and len(items) > self.text_fresh_max:
+            items = items[torch.randperm(len(items), device=items.device)[:self.text_fresh_max]].sort().values
+        return items
 
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""

@@ -31,7 +31,7 @@ class PretrainModule(SeqRecModule):
                  item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None,
                  negatives: int = 0, encoder_chunk_tokens: int | None = None,
                  text_fresh: Literal["targets", "batch"] = "targets", text_refresh_steps: int = 50,
-                 text_top_lr: float = 3e-5) -> None:
+                 text_top_lr: float = 3e-5, text_fresh_max: int | None = None) -> None:
         """
         Args:
             net: a text-only UniSRec (item IDs do not transfer across domains).
@@ -47,7 +47,7 @@ class PretrainModule(SeqRecModule):
             encoder_chunk_tokens: bound on the positions encoded at once (``SeqRecModule``). Off by
                 default: here chunks are checkpointed (recomputed in backward), as the sequence-sequence
                 task couples a batch's rows; set it for sources with long histories.
-            text_fresh, text_refresh_steps, text_top_lr: with a text top, as in ``SeqRecModule``.
+            text_fresh, text_refresh_steps, text_top_lr, text_fresh_max: with a text top, as in ``SeqRecModule``.
         """
         if net.use_item_id or net.use_codes:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
@@ -60,7 +60,7 @@ class PretrainModule(SeqRecModule):
                              "text_top_layers > 0 set item_drop_view_prob=1 (item-drop views only) or lambda_seq_seq=0")
         super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives,
                          encoder_chunk_tokens=encoder_chunk_tokens, text_fresh=text_fresh,
-                         text_refresh_steps=text_refresh_steps, text_top_lr=text_top_lr)
+                         text_refresh_steps=text_refresh_steps, text_top_lr=text_top_lr, text_fresh_max=text_fresh_max)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
 
