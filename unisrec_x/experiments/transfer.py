@@ -132,6 +132,9 @@ ARMS = [
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *POPULARITY_PRIOR]),
     Arm("scratch_text_codes_floorstart", "Scratch, text + codes, history decay + popularity prior",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *HISTORY_DECAY, *POPULARITY_PRIOR]),
+    # issue 28 #3: the best from-scratch arm on mean-pooled text vectors (the encoder's own pooling)
+    Arm("scratch_text_codes_mean", "Scratch, text + codes, mean-pooled text vectors",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, "--data.pooling", "mean"]),
     Arm("scratch_text_codes_tuned1", "Scratch, text + codes, encoder's last layer trained",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *TEXT_TOP]),
     Arm("scratch_inductive_tuned1", "Scratch, inductive (text), encoder's last layer trained",
