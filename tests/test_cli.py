@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -205,7 +206,12 @@ def test_patience_sets_early_stopping_and_must_be_positive(slice_env):
     runs = slice_env / "runs"
     main(["fit", "-c", config, *SLICE, "--trainer.max_epochs", "10", "--patience", "2", "--optimizer.init_args.lr", "0",
           "--trainer.logger.init_args.save_dir", str(runs)])
-    assert json.loads(next(runs.rglob("test_metrics.json")).read_text())["epochs_trained"] == 3
+    out = json.loads(next(runs.rglob("test_metrics.json")).read_text())
+    assert out["epochs_trained"] == 3
+    # the score the fit was selected on: the best of its validations (all equal here: lr 0)
+    scores = [float(row["val/ndcg@10"]) for row in csv.DictReader(open(next(runs.rglob("metrics.csv"))))
+              if row.get("val/ndcg@10")]
+    assert len(scores) == 3 and out["best_validation"] == {"val/ndcg@10": round(max(scores), 6)}
     with pytest.raises(SystemExit):
         main(["fit", "-c", config, *SLICE, "--patience", "0", "--trainer.fast_dev_run", "1", "--trainer.logger", "false"])
 

@@ -50,7 +50,8 @@ def test_trained_arm_reruns_only_when_its_command_changes(tmp_path, monkeypatch)
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07, "long_tail/rows": 9.0,
                    "long_tail/recall@10": 0.0, "long_tail/ndcg@10": 0.0, "long_tail/recall@50": 0.1, "long_tail/ndcg@50": 0.02}
-        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3, "peak_rss_mb": 900}))
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3, "peak_rss_mb": 900,
+                                                               "best_validation": {"val/ndcg@10": 0.061}}))
         return 1.0
 
     monkeypatch.setattr(transfer, "run_process", fake_run)
@@ -58,6 +59,7 @@ def test_trained_arm_reruns_only_when_its_command_changes(tmp_path, monkeypatch)
     first = run_one(*base, False, None, 1)
     assert run_one(*base, False, None, 1) == first and len(calls) == 1
     assert "--data.dataset office" in first["command"] and "--seed_everything 1" in first["command"]
+    assert first["best_validation"] == {"val/ndcg@10": 0.061}  # what the fit was selected on travels with it
     run_one(*base, True, None, 1)  # --quick is another command: run again
     assert len(calls) == 2
 
