@@ -7,8 +7,6 @@ writes shards as it goes, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -18,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from unisrec_x.runtime.locks import building
 from unisrec_x.runtime.paths import atomic_write_bytes, cache_dir
 from unisrec_x.items.encoder import Pooling, Precision, TextEncoder, encoder_identity
 
@@ -106,22 +105,13 @@ class FeatureCache:
         cached = self._load(key, npy, meta_path)
         if cached is None:
             # One builder at a time (DDP ranks, parallel runs): whoever waits re-checks and finds a hit.
-            with self._lock(npy):
+            with building(npy.with_suffix(".lock")):
                 cached = self._load(key, npy, meta_path)
                 if cached is None:
                     return self._build(texts, key, npy, meta_path, make_encoder)
         log.info("text features: cache hit %s", npy)
         return cached
 
-    @contextlib.contextmanager
-    def _lock(self, npy: Path):
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        with open(npy.with_suffix(".lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _build(self, texts: Sequence[str], key: dict, npy: Path, meta_path: Path,
                make_encoder: Callable[[], TextEncoder] | None) -> np.ndarray:

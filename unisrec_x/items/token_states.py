@@ -8,8 +8,6 @@ texts, checksummed, written whole and atomically (a folder renamed into place) u
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,6 +21,7 @@ import torch
 
 from unisrec_x.items.encoder import PACKAGED_ENCODER, TextEncoder, encoder_identity, from_pretrained
 from unisrec_x.items.feature_cache import texts_digest
+from unisrec_x.runtime.locks import building
 from unisrec_x.runtime.paths import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class TokenStateCache:
         folder = self.folder(key, name)
         found = self._load(key, folder)
         if found is None:
-            with self._lock(folder):
+            with building(folder.with_name(folder.name + ".lock")):
                 found = self._load(key, folder)
                 if found is None:
                     self._build(texts, key, folder)
@@ -122,15 +121,6 @@ class TokenStateCache:
             return None
         return flat, offsets
 
-    @contextlib.contextmanager
-    def _lock(self, folder: Path):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.with_name(folder.name + ".lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _build(self, texts: Sequence[str], key: dict, folder: Path) -> None:
         from tqdm.auto import tqdm
