@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,14 +20,15 @@ from unisrec_x.data.domain import MissingText, first_users, load_domain, without
 from unisrec_x.data.interactions import Duplicates
 from unisrec_x.data.multidomain import MergedDomains, merge_domains
 from unisrec_x.data.positions import PositionExamples, TrainingExamples
-from unisrec_x.data.prepare import SOURCES, source_prefix
+from unisrec_x.data.prepare import SOURCE_FILES, SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
 from unisrec_x.errors import DataError
-from unisrec_x.runtime.paths import resolve_data_path
+from unisrec_x.runtime.paths import data_root as resolve_data_root, resolve_data_path
 from unisrec_x.items.feature_cache import FeatureCache
 from unisrec_x.items.encoder import PACKAGED_ENCODER, Pooling, Precision, encoder_dim
 
 log = logging.getLogger(__name__)
+_FILE_UNSAFE = re.compile(r"[^\w.-]")
 #: Whose validation rows a few-shot fit (``train_users``) is selected on.
 ValidUsers = Literal["train_users", "all"]
 
@@ -35,6 +37,19 @@ def resolve_dataset(name: str, data_root: str | None) -> Path:
     """A known pretraining source (``office``, ``ml-100k``, ``lastfm``) is prepared on first use;
     anything else is a path prefix under the data root."""
     return source_prefix(name, data_root) if name in SOURCES else resolve_data_path(name, data_root)
+
+
+def source_item_file(name: str, data_root: str | None) -> Path | None:
+    """A pretraining source's raw ``.item`` file in the data root (its prepared files keep only the joined
+    text), where its knowledge fields are read; ``None`` for any other dataset (``<prefix>.item``)."""
+    if name not in SOURCES:
+        return None
+    try:
+        root = resolve_data_root(data_root)
+    except DataError:  # a source prepared earlier trains without the data root; only its fields need it
+        return None
+    folder, stem = SOURCE_FILES[name]
+    return root / folder / f"{stem}.item"
 
 
 class SeqRecDataModule(pl.LightningDataModule):
@@ -103,8 +118,8 @@ class SeqRecDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         names = [dataset] if isinstance(dataset, str) else list(dataset)
-        domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe, duplicates)
-                   for n in names]
+        domains = [load_domain(resolve_dataset(n, data_root), text_fields or ["title"], missing_text, dedupe, duplicates,
+                               source_item_file(n, data_root)) for n in names]
         if exclude_items:
             known = {t for d in domains for t in d.item_tokens}
             unknown = [t for t in exclude_items if t not in known]
@@ -129,6 +144,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
         self._codes: dict[tuple[int, int], ItemCodes] = {}
+        self._knowledge: dict[tuple[str, ...], torch.Tensor] = {}
         for d in domains:
             log.info("%s: %d users, %d items, %d interactions", d.name, len(d.users), d.num_items, sum(map(len, d.sequences)))
 
@@ -169,6 +185,30 @@ class SeqRecDataModule(pl.LightningDataModule):
         if load_weights:
             weights = top_layer_weights(TextEncoder(self.cache.encoder, self.cache.pooling, self.cache.max_length), top_layers)
         return (flat, torch.from_numpy(offsets.astype(np.int64))), weights
+
+    def knowledge_features(self, fields: Sequence[str]) -> torch.Tensor:
+        """Knowledge vectors (num_items + 1, len(fields), feature_dim) for ``UniSRec.knowledge_fields``: each
+        ``.item`` field encoded on its own and cached per field and domain (a changed field re-encodes only
+        itself); an empty field is a zero vector, and so is row 0 (padding)."""
+        key = tuple(fields)
+        if key not in self._knowledge:
+            texts = [d.field_texts(key) for d in self.data.domains]
+            per_field = [self._field_features(field, [t[field] for t in texts]) for field in key]  # each (N + 1, dim)
+            self._knowledge[key] = torch.stack(per_field, dim=1)
+        return self._knowledge[key]
+
+    def _field_features(self, field: str, texts: list[list[str]]) -> torch.Tensor:
+        """One field's vectors over every domain, with the padding row; only non-empty texts are encoded."""
+        dim = self.feature_dim
+        parts = [np.zeros((1, dim), np.float32)]
+        for domain, domain_texts in zip(self.data.domains, texts):
+            rows = [i for i, text in enumerate(domain_texts) if text]
+            part = np.zeros((len(domain_texts), dim), np.float32)
+            if rows:
+                name = f"{domain.name.lower()}-{_FILE_UNSAFE.sub('_', field)}"  # a field name becomes a file name
+                part[rows] = self.cache.get([domain_texts[i] for i in rows], name=name)
+            parts.append(part)
+        return torch.from_numpy(np.concatenate(parts))
 
     def item_codes(self, digits: int, codes_per_digit: int) -> ItemCodes:
         """Codes of every item (``ItemCodes.codes``: (num_items, digits + 1)), fitted on the text vectors

@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from unisrec_x.data.interactions import Duplicates, UserSequences, read_benchmark, read_inter
-from unisrec_x.data.text import read_item2index, read_item_fields, read_text_file
+from unisrec_x.data.text import read_field_texts, read_item2index, read_item_fields, read_text_file
 from unisrec_x.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,11 @@ class TextSource:
     reads them, so blank, missing or broken texts cannot stop it."""
 
     def __init__(self, prefix: Path, text_fields: Sequence[str], missing_text: MissingText,
-                 first_seen: dict[str, tuple[Path, int]], with_index: bool) -> None:
+                 first_seen: dict[str, tuple[Path, int]], with_index: bool, item_file: Path | None = None) -> None:
         self.prefix, self.text_fields, self.missing_text = prefix, list(text_fields), missing_text
         self.first_seen, self.with_index = first_seen, with_index
+        self.item_file = item_file or Path(f"{prefix}.item")
+        self._fields: dict[tuple[str, ...], dict[str, dict[str, str]]] = {}
 
     @cached_property
     def texts(self) -> dict[str, str]:
@@ -49,6 +51,23 @@ class TextSource:
                                 "pass missing_text='empty' to allow)", path, line)
             log.warning("%s: %d items have no text and get an empty string", self.prefix.name, len(empty))
         return [texts.get(t, "") for t in tokens]
+
+    def fields_of(self, tokens: Sequence[str], fields: Sequence[str]) -> dict[str, list[str]]:
+        """Each field's text of ``tokens`` from the ``.item`` file, ``""`` where an item has none (knowledge is
+        optional per item: the model leaves an empty field out)."""
+        key = tuple(fields)
+        if key not in self._fields:
+            if not self.item_file.is_file():
+                raise DataError(f"knowledge fields {', '.join(fields)} are read from an .item file, and "
+                                f"{self.item_file.name} does not exist", self.item_file)
+            self._fields[key] = read_field_texts(self.item_file, fields)
+        out = {f: [self._fields[key][f].get(t, "") for t in tokens] for f in fields}
+        for field, texts in out.items():
+            empty = sum(not t for t in texts)
+            if empty:
+                log.log(logging.WARNING if empty == len(texts) else logging.INFO,
+                        "%s: %d of %d items have no %s", self.item_file.name, empty, len(texts), field)
+        return out
 
 
 class ItemTexts(Sequence[str]):
@@ -84,6 +103,13 @@ class Domain:
     users: list[str]
     sequences: list[np.ndarray]
 
+    def field_texts(self, fields: Sequence[str]) -> dict[str, list[str]]:
+        """Each of ``fields``' text per item (id order), read from the domain's ``.item`` file."""
+        if not isinstance(self.item_texts, ItemTexts):
+            raise DataError(f"{self.name}: knowledge fields are read from the domain's .item file; this domain was "
+                            "not loaded from files (load_domain)")
+        return self.item_texts.source.fields_of(self.item_tokens, fields)
+
     def texts_of(self, tokens: list[str], rows: Sequence[int]) -> Sequence[str]:
         """Texts of a subset of items (``rows`` 0-based), still unread when this domain's are."""
         if isinstance(self.item_texts, ItemTexts):
@@ -107,12 +133,14 @@ def load_domain(
     missing_text: MissingText = "error",
     dedupe: bool = False,
     duplicates: Duplicates = "keep",
+    item_file: str | Path | None = None,
 ) -> Domain:
     """Load ``<prefix>.*`` files, detecting the form present.
 
     Interactions: ``.train/.valid/.test.inter`` (pre-split) or ``.inter`` (split here by time).
     Text: ``.text`` (+ ``.item2index`` when present) or the ``text_fields`` of ``.item``, read
-    when ``item_texts`` is first used (never, for an ID-only model).
+    when ``item_texts`` is first used (never, for an ID-only model). Knowledge fields
+    (``Domain.field_texts``) come from ``item_file`` (default ``<prefix>.item``).
     """
     prefix = Path(prefix)
     name = prefix.name
@@ -131,7 +159,8 @@ def load_domain(
     for token, (path, line) in interactions.first_seen.items():
         if token not in known:
             raise DataError(f"item {token!r} is not in the item index {index_file}", path, line)
-    texts = TextSource(prefix, text_fields, missing_text, interactions.first_seen, item2index is not None)
+    texts = TextSource(prefix, text_fields, missing_text, interactions.first_seen, item2index is not None,
+                       None if item_file is None else Path(item_file))
     ids = {t: i + 1 for i, t in enumerate(tokens)}
     sequences = [np.fromiter((ids[t] for t in seq), dtype=np.int64, count=len(seq)) for seq in interactions.sequences]
     return Domain(name, tokens, ItemTexts(texts, tokens), interactions.users, sequences)

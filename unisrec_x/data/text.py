@@ -64,6 +64,11 @@ def read_item2index(path: str | Path) -> dict[str, str]:
     return result
 
 
+def join_fields(parts: Sequence[str]) -> str:
+    """Field texts as one item text, as ``read_item_fields`` joins them (empty fields are skipped)."""
+    return ". ".join(p for p in parts if p)
+
+
 def read_item_fields(item_path: str | Path, fields: Sequence[str], max_chars: int | None = None) -> dict[str, str]:
     """Join chosen ``.item`` fields into one text per item (empty fields are skipped)."""
     table = read_atomic(item_path, required=("item_id", *fields))
@@ -72,9 +77,27 @@ def read_item_fields(item_path: str | Path, fields: Sequence[str], max_chars: in
     for row, token in enumerate(table.column("item_id")):
         if token in out:
             raise DataError(f"item {token!r} has a second row (expected each item_id once)", table.path, table.lines[row])
-        parts = [clean_text(col[row]) for col in columns]
-        text = ". ".join(p for p in parts if p)
+        text = join_fields([clean_text(col[row]) for col in columns])
         if max_chars is not None:
             text = text[:max_chars]
         out[token] = text
+    return out
+
+
+def read_field_texts(item_path: str | Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Each of ``fields`` of an ``.item`` file as a text of its own per item (cleaned; ``""`` where empty).
+
+    The knowledge fields (``UniSRec.knowledge_fields``) are encoded one by one, not joined into one text.
+    A field the file lacks is a ``DataError`` naming the file and the field.
+    """
+    table = read_atomic(item_path, required=("item_id", *fields))
+    out: dict[str, dict[str, str]] = {f: {} for f in fields}
+    columns = [(out[f], table.column(f)) for f in fields]
+    seen: set[str] = set()
+    for row, token in enumerate(table.column("item_id")):
+        if token in seen:
+            raise DataError(f"item {token!r} has a second row (expected each item_id once)", table.path, table.lines[row])
+        seen.add(token)
+        for texts, column in columns:
+            texts[token] = clean_text(column[row])
     return out

@@ -1,8 +1,9 @@
-"""UniSRec: item vectors from text (and/or ID), a sequence encoder, similarity scores.
+"""UniSRec: item vectors from text (and/or ID, codes, knowledge fields), a sequence encoder, similarity scores.
 
 No loss and no Lightning here; the training modules choose what to call. With
 ``use_text=False, use_item_id=True, similarity="dot"`` this is SASRec, so the baseline
-shares every other line with the model it is compared against.
+shares every other line with the model it is compared against; with ``knowledge_fields`` as well it is
+SASRec with KAR's knowledge vectors added to its item embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unisrec_x.model.knowledge import KnowledgeAdapter
 from unisrec_x.model.moe_adapter import MoEAdapter
 from unisrec_x.model.seq_encoder import SequenceEncoder
 from unisrec_x.model.text_top import TextTop
@@ -33,7 +35,8 @@ class UniSRec(nn.Module):
                  memory_scale: float = 1.0, history_decay: float = 0.0, learn_history_decay: bool = False,
                  popularity_prior: bool = False, popularity_weight: float = 0.0, text_top_layers: int = 0,
                  text_top_heads: int = 12, text_top_inner_dim: int = 1536, text_top_pooling: str = "cls",
-                 text_top_dropout: float = 0.1, text_top_eps: float = 1e-12) -> None:
+                 text_top_dropout: float = 0.1, text_top_eps: float = 1e-12, knowledge_fields: list[str] | None = None,
+                 knowledge_shared_experts: int = 2, knowledge_field_experts: int = 1) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -87,13 +90,27 @@ class UniSRec(nn.Module):
                 size and LayerNorm epsilon (all-MiniLM-L6-v2's by default; ``plm_dim`` is its hidden size).
             text_top_pooling: ``cls`` or ``mean``: how the top pools its tokens into the item's text vector.
             text_top_dropout: the top's dropout while training (BERT's 0.1).
+            knowledge_fields: item fields (of the dataset's ``.item`` file) encoded one by one and mapped by the
+                knowledge adapter (``model/knowledge.py``, after KAR) into one more part of the item vector,
+                trained with the rest; the training module installs the per-field vectors
+                (``set_knowledge_features``). With ``use_item_id`` it is KAR's augmented ID backbone; with
+                ``use_text`` the item vector is ``MoE(text) + knowledge``; with neither (nor codes) it is UniSRec's
+                text path over separate fields instead of one joined string. ``None``: no knowledge.
+            knowledge_shared_experts: whitening experts every field uses.
+            knowledge_field_experts: whitening experts of each field's own. The adapter's input dropout is
+                ``adapter_dropout``.
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         #: constructor arguments, so a saved model can be rebuilt without its training config
         self.init_args = arguments
-        if not (use_text or use_item_id or use_codes):
-            raise ValueError("an item needs text, an ID embedding or codes: set use_text, use_item_id or use_codes")
+        if knowledge_fields is not None and (not isinstance(knowledge_fields, (list, tuple)) or not knowledge_fields
+                                             or len(set(knowledge_fields)) != len(knowledge_fields)
+                                             or not all(isinstance(f, str) and f.strip() for f in knowledge_fields)):
+            raise ValueError(f"knowledge_fields must name distinct fields (or be None), got {knowledge_fields!r}")
+        if not (use_text or use_item_id or use_codes or knowledge_fields):
+            raise ValueError("an item needs text, an ID embedding or codes (or knowledge fields): set use_text, "
+                             "use_item_id, use_codes or knowledge_fields")
         if use_item_id and num_items <= 0:
             raise ValueError(f"use_item_id needs num_items > 0, got {num_items}")
         if similarity not in ("cosine", "dot"):
@@ -126,6 +143,11 @@ class UniSRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, hidden_dim, padding_idx=0) if use_item_id else None
         if self.item_embedding is not None:
             nn.init.normal_(self.item_embedding.weight, std=0.02)
+        self.knowledge_fields = list(knowledge_fields or [])
+        self.knowledge = (KnowledgeAdapter(plm_dim, hidden_dim, len(self.knowledge_fields), knowledge_shared_experts,
+                                           knowledge_field_experts, adapter_dropout) if knowledge_fields else None)
+        # the fields' frozen text vectors: data like item_features, set by set_knowledge_features, not saved
+        self.register_buffer("knowledge_features", torch.zeros(0, len(self.knowledge_fields), plm_dim), persistent=False)
         self.code_embedding = nn.Embedding((code_digits + 1) * codes_per_digit, hidden_dim) if use_codes else None
         if self.code_embedding is not None:
             nn.init.normal_(self.code_embedding.weight, std=0.02)
@@ -154,6 +176,20 @@ class UniSRec(nn.Module):
             sized = "the ID embedding" if self.use_item_id else "the popularity counts"
             raise ValueError(f"text features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
         self.item_features = features.to(self._device, torch.float32)
+
+    def set_knowledge_features(self, features: torch.Tensor) -> None:
+        """Install the knowledge fields' text vectors, (num_items + 1, fields, plm_dim) with row 0 the padding
+        item; an empty field of an item is a zero vector (absent, ``KnowledgeAdapter``)."""
+        if self.knowledge is None:
+            raise ValueError("this model has no knowledge fields (knowledge_fields=None)")
+        fields = len(self.knowledge_fields)
+        if features.ndim != 3 or features.shape[1:] != (fields, self.plm_dim):
+            raise ValueError(f"knowledge features have shape {tuple(features.shape)}, expected (items + 1, {fields}, "
+                             f"{self.plm_dim}) for the fields {self.knowledge_fields}")
+        if (self.use_item_id or self.popularity_prior) and features.shape[0] != self.num_items + 1:
+            sized = "the ID embedding" if self.use_item_id else "the popularity counts"
+            raise ValueError(f"knowledge features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
+        self.knowledge_features = features.to(self._device, torch.float32)
 
     def refresh_text_table(self) -> None:
         """Recompute every item's text vector from the text top (no gradients): the table that items outside
@@ -226,6 +262,8 @@ class UniSRec(nn.Module):
         after ``add_items``), else the ID table."""
         if self.use_text:
             return self.item_features.shape[0]
+        if self.knowledge is not None:
+            return self.knowledge_features.shape[0]
         return self.item_codes.shape[0] if self.use_codes else self.num_items + 1
 
     def item_vectors(self, ids: torch.Tensor | None) -> torch.Tensor:
@@ -252,6 +290,11 @@ class UniSRec(nn.Module):
                 raise RuntimeError("UniSRec uses item codes but has none: call set_item_codes first")
             codes_part = self.code_vectors(self.item_codes if ids is None else self.item_codes[ids])
             vectors = codes_part if vectors is None else vectors + codes_part
+        if self.knowledge is not None:
+            if self.knowledge_features.shape[0] == 0:
+                raise RuntimeError("UniSRec uses knowledge fields but has no vectors: call set_knowledge_features first")
+            knowledge_part = self.knowledge(self.knowledge_features if ids is None else self.knowledge_features[ids])
+            vectors = knowledge_part if vectors is None else vectors + knowledge_part
         return vectors
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
@@ -269,10 +312,12 @@ class UniSRec(nn.Module):
         means = means * self.memory_scale if self.memory_scale != 1 else means
         return means.reshape(*codes.shape[:-1], -1)
 
-    def new_item_vectors(self, features: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        """Vectors of items outside the tables (``Recommender.add_items``), from text vectors (n, plm_dim)
-        and codes (n, digits + 1): the text and code parts; a new item has no trained ID, so no ID part."""
-        if not (self.use_text or self.use_codes):
+    def new_item_vectors(self, features: torch.Tensor | None, codes: torch.Tensor | None,
+                         knowledge: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of items outside the tables (``Recommender.add_items``), from text vectors (n, plm_dim),
+        codes (n, digits + 1) and knowledge vectors (n, fields, plm_dim): the text, code and knowledge parts;
+        a new item has no trained ID, so no ID part."""
+        if not (self.use_text or self.use_codes or self.knowledge is not None):
             raise ValueError("an ID-only model has no vector for an item it was not trained on")
         vectors = self.adapter(features) if self.use_text else None
         if self.use_codes:
@@ -280,12 +325,19 @@ class UniSRec(nn.Module):
                 raise ValueError("this model uses item codes: new items need codes")
             codes_part = self.code_vectors(codes.to(self._device, torch.long))
             vectors = codes_part if vectors is None else vectors + codes_part
+        if self.knowledge is not None:
+            if knowledge is None:
+                raise ValueError("this model uses knowledge fields: new items need their vectors")
+            knowledge_part = self.knowledge(knowledge.to(self._device, torch.float32))
+            vectors = knowledge_part if vectors is None else vectors + knowledge_part
         return vectors
 
-    def grow(self, features: torch.Tensor | None, codes: torch.Tensor | None, count: int) -> None:
-        """Append ``count`` items after the last one: their text vectors (count, plm_dim) and codes
-        (count, digits + 1) where the model uses them, a zero ID row (a new item has no trained ID) and a
-        zero popularity count (it was never a training target). ``num_items`` grows with the tables it sizes.
+    def grow(self, features: torch.Tensor | None, codes: torch.Tensor | None, count: int,
+             knowledge: torch.Tensor | None = None) -> None:
+        """Append ``count`` items after the last one: their text vectors (count, plm_dim), codes
+        (count, digits + 1) and knowledge vectors (count, fields, plm_dim) where the model uses them, a zero ID
+        row (a new item has no trained ID) and a zero popularity count (it was never a training target).
+        ``num_items`` grows with the tables it sizes.
 
         Everything is built before anything is assigned, so a failure leaves the model as it was.
         """
@@ -293,7 +345,12 @@ class UniSRec(nn.Module):
             raise ValueError(f"new items need text vectors of shape ({count}, {self.plm_dim})")
         if self.use_codes and (codes is None or codes.shape != (count, self.code_offsets.shape[0])):
             raise ValueError(f"new items need codes of shape ({count}, {self.code_offsets.shape[0]})")
+        fields = len(self.knowledge_fields)
+        if self.knowledge is not None and (knowledge is None or knowledge.shape != (count, fields, self.plm_dim)):
+            raise ValueError(f"new items need knowledge vectors of shape ({count}, {fields}, {self.plm_dim})")
         item_features = (torch.cat([self.item_features, features.to(self.item_features)]) if self.use_text else None)
+        knowledge_features = (torch.cat([self.knowledge_features, knowledge.to(self.knowledge_features)])
+                              if self.knowledge is not None else None)
         item_codes = torch.cat([self.item_codes, codes.to(self.item_codes)]) if self.use_codes else None
         embedding = None
         if self.item_embedding is not None:
@@ -306,6 +363,8 @@ class UniSRec(nn.Module):
             self.item_features = item_features
         if item_codes is not None:
             self.item_codes = item_codes
+        if knowledge_features is not None:
+            self.knowledge_features = knowledge_features
         if embedding is not None:
             self.item_embedding = embedding
         if counts is not None:

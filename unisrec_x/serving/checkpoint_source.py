@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from unisrec_x.data.text import join_fields
 from unisrec_x.errors import DataError
 from unisrec_x.items.codes import CHECKPOINT_KEY, checked_state
 from unisrec_x.items.encoder import TextSettings
@@ -50,7 +51,20 @@ def load_checkpoint(path: Path, data_root: str | None) -> ModelParts:
                  else data.item_codes(net.code_digits, net.codes_per_digit))
     text = TextSettings(data.cache.encoder, data.cache.pooling, data.cache.max_length, data.cache.batch_size,
                         data.cache.precision)
-    return ModelParts(net, tokens, texts, features, text, _release_aliases(data, data_args), codes)
+    knowledge = knowledge_texts = None
+    if net.knowledge is not None:  # the fields' vectors from the feature cache, their texts from the .item files
+        knowledge = data.knowledge_features(net.knowledge_fields)
+        knowledge_texts = _field_texts(data, net.knowledge_fields)
+        if not (net.use_text or net.use_codes):  # no item text of its own: show its fields
+            texts = [join_fields(parts) for parts in zip(*knowledge_texts.values())]
+    return ModelParts(net, tokens, texts, features, text, _release_aliases(data, data_args), codes,
+                      knowledge_features=knowledge, knowledge_texts=knowledge_texts)
+
+
+def _field_texts(data, fields: list[str]) -> dict[str, list[str]]:
+    """Each knowledge field's text of every item, in global id order."""
+    per_domain = [d.field_texts(fields) for d in data.data.domains]
+    return {f: [text for texts in per_domain for text in texts[f]] for f in fields}
 
 
 def _release_aliases(data, data_args: dict) -> dict[str, str]:

@@ -61,7 +61,7 @@ def recommend(words: list[str]) -> int:
 def add_items(words: list[str]) -> int:
     parser = _parser("add-items", "Add items from their text alone and write an updated model directory.")
     parser.add_argument("--items", required=True, help="RecBole atomic file with item_id and text fields "
-                        "(.item or .text)")
+                        "(.item or .text); for a model with knowledge fields, also a column per field (empty allowed)")
     parser.add_argument("--text_fields", nargs="+", default=None,
                         help="fields joined into the text (default: text, else title)")
     parser.add_argument("--out", required=True, help="model directory to write: a new or empty folder, or "
@@ -86,11 +86,22 @@ def add_items(words: list[str]) -> int:
         check_output_path(args.out, MODEL_DIR, args.overwrite)  # refuse before minutes of loading and encoding
         with model_locks(args.ckpt, args.out):  # read-modify-write: a second add-items or a server's append waits
             recommender = _load(args)
-            added = recommender.add_items(items)
+            added = recommender.add_items(with_knowledge(items, path, recommender.net.knowledge_fields))
             out = recommender.save(args.out, overwrite=args.overwrite)
         print(f"added {len(added)} items; {recommender.num_items} items in {out}")
 
     return _run(body, words)
+
+
+def with_knowledge(items: dict[str, str], path: Path, fields: list[str]) -> dict[str, str | dict[str, str]]:
+    """For a model with knowledge fields, each item as its fields' texts (columns of the same file) plus its
+    ``text``; for any other model, ``items`` as they are."""
+    if not fields:
+        return items
+    from unisrec_x.data.text import read_field_texts
+
+    columns = read_field_texts(path, fields)
+    return {token: {"text": text, **{f: columns[f][token] for f in fields}} for token, text in items.items()}
 
 
 def export(words: list[str]) -> int:

@@ -15,11 +15,14 @@ Format: one JSON object per line, appended whole and never rewritten::
     {"v": 1, "id": "NEW-1", "text": "...", "vector": "<base64 little-endian float32>", "crc32": "1a2b3c4d"}
 
 ``vector`` is the text encoder's output for ``text``, so replay appends exactly the rows the server
-added without loading the encoder; ``crc32`` covers ``[v, id, text, vector]``. A last line without
-its newline is a write a crash cut short (never acknowledged): replay skips it with a warning and the
-next append cuts it off. Any other bad line is a ``DataError`` naming the file and line. Replay is
-idempotent: an id already in the model with the same text is skipped (a crash between a compaction's
-swap and the clearing of an outside journal), with another text it is refused.
+added without loading the encoder; ``crc32`` covers ``[v, id, text, vector]``. A record of a model with
+knowledge fields adds ``"fields": {"title": "...", ...}`` (each field's text); its ``vector`` is the text
+vector (where the model reads one text) followed by each field's vector, and ``crc32`` covers
+``[v, id, text, vector, fields]``. A last line without its newline is a write a crash cut short (never
+acknowledged): replay skips it with a warning and the next append cuts it off. Any other bad line is a
+``DataError`` naming the file and line. Replay is idempotent: an id already in the model with the same
+text is skipped (a crash between a compaction's swap and the clearing of an outside journal), with
+another text it is refused.
 
 Writers of one model (a server's append, ``add-items``' read-modify-write, ``save`` over the
 source) hold a ``flock`` on ``.<name>.lock`` beside the model; readers take no lock.
@@ -59,6 +62,7 @@ JOURNAL_NAME = "added-items.jsonl"  # inside a model directory (listed in model_
 CHECKPOINT_SUFFIX = ".items.jsonl"  # beside a checkpoint file: last.ckpt -> last.ckpt.items.jsonl
 VERSION = 1
 KEYS = ("v", "id", "text", "vector", "crc32")
+KNOWLEDGE_KEYS = (*KEYS, "fields")  # a record of a model with knowledge fields
 SERVE_LOCK_WAIT = 5.0  # seconds a POST /items waits for add-items to finish before it gets 503
 
 
@@ -74,8 +78,9 @@ class JournalUnavailable(Exception):
 class Record(NamedTuple):
     token: str
     text: str
-    vector: np.ndarray  # (plm_dim,) float32
+    vector: np.ndarray  # (plm_dim,) float32; with knowledge fields ((text?) + fields) * plm_dim
     line: int
+    fields: dict[str, str] | None = None  # knowledge field -> text
 
 
 def default_journal(model: str | Path) -> Path:
@@ -90,15 +95,17 @@ def lock_file(model: str | Path) -> Path:
     return model.parent / f".{model.name}.lock"
 
 
-def encode_record(token: str, text: str, vector: np.ndarray) -> bytes:
+def encode_record(token: str, text: str, vector: np.ndarray, fields: dict[str, str] | None = None) -> bytes:
     """One journal line, newline included."""
     packed = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    record = {"v": VERSION, "id": token, "text": text, "vector": packed, "crc32": _crc(VERSION, token, text, packed)}
+    extra = () if fields is None else (fields,)
+    record = {"v": VERSION, "id": token, "text": text, "vector": packed,
+              **({} if fields is None else {"fields": fields}), "crc32": _crc(VERSION, token, text, packed, *extra)}
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def _crc(version: object, token: object, text: object, vector: object) -> str:
-    payload = json.dumps([version, token, text, vector], ensure_ascii=False, separators=(",", ":"))
+def _crc(version: object, token: object, text: object, vector: object, *fields: object) -> str:
+    payload = json.dumps([version, token, text, vector, *fields], ensure_ascii=False, separators=(",", ":"))
     return f"{zlib.crc32(payload.encode('utf-8')):08x}"
 
 
@@ -111,14 +118,17 @@ def _parse(raw: bytes, path: Path, line: int) -> Record:
         record = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise damaged(f"not a JSON line ({type(err).__name__})") from None
-    if not isinstance(record, dict) or sorted(record) != sorted(KEYS):
+    if not isinstance(record, dict) or sorted(record) not in (sorted(KEYS), sorted(KNOWLEDGE_KEYS)):
         raise damaged(f"keys {sorted(record) if isinstance(record, dict) else type(record).__name__} "
-                      f"(expected {', '.join(KEYS)})")
+                      f"(expected {', '.join(KEYS)}, and fields for a model with knowledge fields)")
     version, token, text, packed, crc = (record[k] for k in KEYS)
     if not all(isinstance(v, str) for v in (token, text, packed, crc)):
         raise damaged("id, text, vector and crc32 must be strings")
+    fields = record.get("fields")
+    if "fields" in record and not (isinstance(fields, dict) and all(isinstance(v, str) for v in fields.values())):
+        raise damaged("fields must map field names to texts")
     try:
-        checksum = _crc(version, token, text, packed)
+        checksum = _crc(version, token, text, packed, *(() if fields is None else (fields,)))
     except UnicodeEncodeError:  # a lone surrogate escaped into the JSON
         raise damaged("text that is not valid UTF-8") from None
     if crc != checksum:
@@ -134,7 +144,7 @@ def _parse(raw: bytes, path: Path, line: int) -> Record:
     vector = np.frombuffer(data, dtype="<f4").astype(np.float32)
     if not np.isfinite(vector).all():
         raise damaged("vector holds NaN or inf")
-    return Record(token, text, vector, line)
+    return Record(token, text, vector, line, fields)
 
 
 def _identity(path: Path) -> tuple | None:
@@ -194,9 +204,11 @@ class ItemJournal:
         if not records:
             return 0
         net = recommender.net
-        if not (net.use_text or net.use_codes):
+        if not (net.use_text or net.use_codes or net.knowledge is not None):
             raise DataError(f"the journal holds {len(records)} added items but this model has no text side "
                             "(ID-only, e.g. SASRec), so it cannot have added them", self.path)
+        reads_text, fields = int(net.use_text or net.use_codes), net.knowledge_fields
+        size = net.plm_dim * (reads_text + len(fields))
         new: dict[str, Record] = {}
         for record in records:
             token, text, line = record.token, record.text, record.line
@@ -212,25 +224,38 @@ class ItemJournal:
                     raise DataError(f"item {token!r} is already {where} with another text (expected the same "
                                     "item or a new id; was the journal written for another model?)", self.path, line)
                 continue  # already compacted into the model, or journaled twice: the same item
-            if record.vector.shape != (net.plm_dim,):
-                raise DataError(f"item {token!r} has a vector of {record.vector.size} values, expected {net.plm_dim} "
-                                "(the model's text-vector size; was the journal written for another model?)",
-                                self.path, line)
+            if record.vector.shape != (size,):
+                raise DataError(f"item {token!r} has a vector of {record.vector.size} values, expected {size} "
+                                "(the model's text-vector size, times its knowledge fields and text; was the journal "
+                                "written for another model?)", self.path, line)
+            if sorted(record.fields or {}) != sorted(fields):
+                raise DataError(f"item {token!r} has the knowledge fields {sorted(record.fields or {})}, expected "
+                                f"{sorted(fields)} (was the journal written for another model?)", self.path, line)
             new[token] = record
         if new:
-            recommender._append(list(new), [r.text for r in new.values()],
-                                torch.from_numpy(np.stack([r.vector for r in new.values()])))
+            vectors = torch.from_numpy(np.stack([r.vector for r in new.values()])).view(len(new), -1, net.plm_dim)
+            recommender._append(list(new), [r.text for r in new.values()], vectors[:, 0] if reads_text else None,
+                                vectors[:, reads_text:] if fields else None,
+                                {f: [r.fields[f] for r in new.values()] for f in fields} if fields else None)
         log.info("%s: replayed %d added items (%d already in the model)", self.path, len(new), len(records) - len(new))
         return len(new)
 
-    def append(self, tokens: Sequence[str], texts: Sequence[str], features: torch.Tensor) -> None:
+    def append(self, tokens: Sequence[str], texts: Sequence[str], features: torch.Tensor | None,
+               knowledge: torch.Tensor | None = None, fields: dict[str, list[str]] | None = None) -> None:
         """Write the items and fsync them (and the folder, when the file is new). The caller holds
-        ``model_lock(self.model)``; on any failure the file is left as it was and nothing counts."""
+        ``model_lock(self.model)``; on any failure the file is left as it was and nothing counts.
+
+        ``features`` (n, plm_dim) where the model reads one text per item; ``knowledge`` (n, fields, plm_dim)
+        and ``fields`` (field -> n texts) for a model with knowledge fields."""
         if self.changed():
             raise JournalUnavailable(f"{self.model} was rewritten since this server loaded it (add-items, save or "
                                      "another server wrote it); restart `unisrec-x serve` to add items", 409)
-        vectors = features.detach().to(torch.float32).cpu().numpy()
-        lines = b"".join(encode_record(t, x, v) for t, x, v in zip(tokens, texts, vectors))
+        parts = [p.detach().to(torch.float32).cpu().reshape(len(tokens), -1) for p in (features, knowledge)
+                 if p is not None]
+        vectors = torch.cat(parts, dim=1).numpy()  # (n, (text?) + fields) * plm_dim
+        per_item = ([None] * len(tokens) if fields is None
+                    else [{f: v[i] for f, v in fields.items()} for i in range(len(tokens))])
+        lines = b"".join(encode_record(t, x, v, f) for t, x, v, f in zip(tokens, texts, vectors, per_item))
         created = not self.path.exists()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)

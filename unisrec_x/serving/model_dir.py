@@ -4,9 +4,12 @@ training (a Lightning checkpoint instead rebuilds its items from its dataset: ``
     model.json          format, network arguments, text-encoder settings
     weights.pt          the network's state dict (loaded with weights_only=True)
     items.item          RecBole atomic file: item_id:token, text:token_seq, alias:token (id order;
-                        alias is another name of the item, e.g. its ASIN, or empty)
+                        alias is another name of the item, e.g. its ASIN, or empty); a model with
+                        knowledge fields adds knowledge.<field>:token_seq, each field's text or empty
     item_features.npy   (N + 1, plm_dim) float32 text vectors, row 0 = padding (read with
                         allow_pickle=False; any float dtype or byte order becomes native float32)
+    knowledge_features.npy  models with knowledge fields: (N + 1, fields, plm_dim) float32, each field's
+                        vector (zero where empty), row 0 = padding; precomputed, so serving needs no encoder
     item_codes.npy      models with item codes: (N, digits + 1) int16 codes of items 1..N
     quantizer.faiss     ... and the faiss quantizer that gives new items their codes
     added-items.jsonl   items a server added since the directory was written (``journal.py``)
@@ -58,16 +61,19 @@ def _model_dir_files(manifest: dict) -> set[str]:
     checksums = manifest.get("checksums")
     if isinstance(checksums, dict):
         return {"model.json", "added-items.jsonl", *checksums}
-    return set(MODEL_DIR.files) - ({"item_codes.npy", "quantizer.faiss"} if manifest.get("codes") is None else set())
+    return (set(MODEL_DIR.files) - {"knowledge_features.npy"}  # older than checksums: older than knowledge too
+            - ({"item_codes.npy", "quantizer.faiss"} if manifest.get("codes") is None else set()))
 
 
 MODEL_DIR = OutputKind("model directory", "model.json", FORMAT,
                       frozenset({"model.json", "weights.pt", "items.item", "item_features.npy", "item_codes.npy",
-                                 "quantizer.faiss",
+                                 "quantizer.faiss", "knowledge_features.npy",
                                  "added-items.jsonl"}),  # serving/journal.py: items a server added since
                       expected=_model_dir_files)
 ITEM_FIELDS = [("item_id", "token"), ("text", "token_seq"), ("alias", "token")]
-CHECKSUMMED = ("weights.pt", "items.item", "item_features.npy", "item_codes.npy", "quantizer.faiss")
+CHECKSUMMED = ("weights.pt", "items.item", "item_features.npy", "item_codes.npy", "quantizer.faiss",
+               "knowledge_features.npy")
+KNOWLEDGE_COLUMN = "knowledge.{}"  # items.item's column of a knowledge field's texts
 MIN_COSINE = 0.999  # a re-encoded stored item vs its stored vector (bfloat16 vs float32 stays above it)
 MIN_CODE_AGREEMENT = 0.9  # models without stored vectors: share of code digits that must come out again
 
@@ -96,28 +102,32 @@ def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
         net = UniSRec(**checked_args(manifest["net"], UniSRec.__init__, "net", manifest_path))
     except ValueError as err:  # sizes out of range, hidden_dim not divisible by n_heads, ...
         raise DataError(f"net: {err}", manifest_path) from None
+    knows = net.knowledge is not None
     needed = (["weights.pt", "items.item"] + ["item_features.npy"] * net.use_text
-              + ["item_codes.npy", "quantizer.faiss"] * net.use_codes)
+              + ["item_codes.npy", "quantizer.faiss"] * net.use_codes + ["knowledge_features.npy"] * knows)
     _check_sums(directory, files, manifest.get("checksums"), needed)
     weights = files.get("weights.pt")
     if weights is None:
         raise DataError("checkpoint not found", directory / "weights.pt")
     load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
-    tokens, texts, aliases = _read_items(directory / "items.item", files.get("items.item"))
+    tokens, texts, aliases, knowledge_texts = _read_items(directory / "items.item", files.get("items.item"),
+                                                          net.knowledge_fields)
     if manifest["items"] != len(tokens) or ((net.use_item_id or net.popularity_prior) and net.num_items != len(tokens)):
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
-    features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, net.plm_dim)
+    features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, (net.plm_dim,))
                 if net.use_text else None)
+    knowledge = (_read_features(directory / "knowledge_features.npy", files.get("knowledge_features.npy"), tokens,
+                                (len(net.knowledge_fields), net.plm_dim)) if knows else None)
     # a text top's stored vectors are not the frozen ones the quantizer was fitted on: nothing to compare
     codes = (_read_codes(directory, files, manifest.get("codes"), net, len(tokens),
                          None if net.text_top is not None else features) if net.use_codes else None)
     text = manifest["text"]
     text = None if text is None else TextSettings(**checked_args(text, TextSettings, "text", manifest_path))
     fingerprint = None
-    if text is not None and (net.use_text or net.use_codes):
+    if text is not None and (net.use_text or net.use_codes or knows):
         fingerprint = _read_fingerprint(manifest.get("text_fingerprint"), set(tokens), manifest_path)
-    return ModelParts(net, tokens, texts, features, text, aliases, codes, fingerprint)
+    return ModelParts(net, tokens, texts, features, text, aliases, codes, fingerprint, knowledge, knowledge_texts)
 
 
 def _open_files(directory: Path) -> dict[str, BinaryIO]:
@@ -260,11 +270,14 @@ def _read_manifest(path: Path, directory: Path, handle: BinaryIO | None) -> dict
     return manifest
 
 
-def _read_items(path: Path, handle: BinaryIO | None) -> tuple[list[str], list[str], dict[str, str]]:
-    """Tokens, texts and alias -> token of ``items.item``; a repeated id or alias names its line."""
+def _read_items(path: Path, handle: BinaryIO | None, fields: Sequence[str] = ()
+                ) -> tuple[list[str], list[str], dict[str, str], dict[str, list[str]]]:
+    """Tokens, texts, alias -> token and each knowledge field's texts of ``items.item``; a repeated id or alias
+    names its line."""
     if handle is None:
         raise DataError("file not found", path)
-    table = read_atomic(path, required=["item_id", "text"], raw=handle.read())
+    columns = [KNOWLEDGE_COLUMN.format(f) for f in fields]
+    table = read_atomic(path, required=["item_id", "text", *columns], raw=handle.read())
     tokens, texts = table.column("item_id"), table.column("text")
     alias_column = table.column("alias") if "alias" in table.fields else [""] * len(tokens)
     first_line: dict[tuple[str, str], int] = {}
@@ -274,31 +287,35 @@ def _read_items(path: Path, handle: BinaryIO | None) -> tuple[list[str], list[st
                 raise DataError(f"{kind} {value!r} appears a second time (first on line {first_line[kind, value]}; "
                                 "expected each once)", path, line)
             first_line[kind, value] = line
-    return tokens, texts, {a: t for a, t in zip(alias_column, tokens) if a}
+    return (tokens, texts, {a: t for a, t in zip(alias_column, tokens) if a},
+            {f: table.column(c) for f, c in zip(fields, columns)})
 
 
-def _read_features(path: Path, handle: BinaryIO | None, tokens: Sequence[str], plm_dim: int) -> torch.Tensor:
-    """``(N + 1, plm_dim)`` text vectors: any float dtype and byte order, converted to native float32; all finite."""
+def _read_features(path: Path, handle: BinaryIO | None, tokens: Sequence[str], row_shape: tuple[int, ...]) -> torch.Tensor:
+    """``(N + 1, *row_shape)`` text vectors (``item_features.npy``: (plm_dim,); ``knowledge_features.npy``:
+    (fields, plm_dim)): any float dtype and byte order, converted to native float32; all finite."""
+    name = path.name
     if handle is None:
-        raise DataError("text model without item_features.npy", path)
+        raise DataError(f"{'text' if name == 'item_features.npy' else 'knowledge'} model without {name}", path)
     try:
         array = np.load(handle, allow_pickle=False)
     except Exception as err:  # truncated, header-only, object arrays, a damaged header (ValueError, EOFError, TokenError...)
-        raise DataError(f"item_features.npy cannot be read as a numeric .npy array ({first_line(err)})", path) from None
+        raise DataError(f"{name} cannot be read as a numeric .npy array ({first_line(err)})", path) from None
     if not isinstance(array, np.ndarray):  # an .npz archive under this name
         array.close()
-        raise DataError("item_features.npy is an .npz archive (expected one .npy array)", path)
+        raise DataError(f"{name} is an .npz archive (expected one .npy array)", path)
     if array.dtype.kind != "f":
-        raise DataError(f"item_features.npy has dtype {array.dtype} (expected floating-point text vectors, e.g. float32)", path)
-    if array.shape != (len(tokens) + 1, plm_dim):
-        raise DataError(f"item_features.npy has shape {array.shape}, expected ({len(tokens) + 1}, {plm_dim}) "
+        raise DataError(f"{name} has dtype {array.dtype} (expected floating-point text vectors, e.g. float32)", path)
+    expected = (len(tokens) + 1, *row_shape)
+    if array.shape != expected:
+        raise DataError(f"{name} has shape {array.shape}, expected ({', '.join(map(str, expected))}) "
                         f"for {len(tokens)} items", path)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
         array = array.astype(np.float32)  # also native byte order: torch refuses big-endian arrays
-    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
     if bad.size:
         item = "the padding row" if bad[0] == 0 else f"item {tokens[bad[0] - 1]!r}"
-        raise DataError(f"item_features.npy row {bad[0]} ({item}) has NaN or inf values ({bad.size} rows in all; "
+        raise DataError(f"{name} row {bad[0]} ({item}) has NaN or inf values ({bad.size} rows in all; "
                         "expected finite numbers)", path)
     return torch.from_numpy(array)
 
@@ -330,7 +347,7 @@ def _fingerprint(recommender: "Recommender") -> dict | None:
     """Up to three stored items: the first, the last and the one with the longest text (a shorter token
     limit changes its vector), with the digest of the settings and their texts."""
     net, texts = recommender.net, recommender.item_texts
-    if recommender.text is None or not (net.use_text or net.use_codes) or not texts:
+    if recommender.text is None or not (net.use_text or net.use_codes or net.knowledge is not None) or not texts:
         return None
     rows = sorted({0, len(texts) - 1, max(range(len(texts)), key=lambda i: len(texts[i]))})
     return {"items": [recommender.item_tokens[r] for r in rows],
@@ -350,18 +367,23 @@ def verify_text_encoder(recommender: "Recommender", encoder: "TextEncoder") -> N
         return
     rows = [recommender.token_to_id[t] for t in fingerprint.items]
     texts = [recommender.item_texts[r - 1] for r in rows]
-    fresh = np.asarray(encoder.encode(texts), dtype=np.float32)
-    if recommender.net.use_text:
-        stored = recommender.net.item_features[rows].numpy()
+    net = recommender.net
+    if net.use_text or net.knowledge is not None:
+        if net.use_text:
+            fresh, stored, labels = (np.asarray(encoder.encode(texts), dtype=np.float32), net.item_features[rows].numpy(),
+                                     [repr(t) for t in fingerprint.items])
+        else:  # knowledge fields alone: each stored field vector with a text
+            fresh, stored, labels = _field_pairs(recommender, encoder, rows)
+            if not labels:
+                return  # the fingerprint's items have no field text: nothing to compare
         norms = np.linalg.norm(fresh, axis=1) * np.linalg.norm(stored, axis=1)
         cosine = (fresh * stored).sum(1) / np.maximum(norms, 1e-12)
         worst = int(cosine.argmin())
         if cosine[worst] > MIN_COSINE:
             return
-        found = (f"cosine {cosine[worst]:.3f} to the stored vector of item {fingerprint.items[worst]!r}, "
-                 f"expected > {MIN_COSINE}")
+        found = f"cosine {cosine[worst]:.3f} to the stored vector of item {labels[worst]}, expected > {MIN_COSINE}"
     else:  # codes only: no vectors are stored, but their codes must come out again
-        codes = recommender.item_codes.quantizer.encode(fresh)
+        codes = recommender.item_codes.quantizer.encode(np.asarray(encoder.encode(texts), dtype=np.float32))
         agreement = float((codes == recommender.item_codes.codes[np.array(rows) - 1, :codes.shape[1]]).mean())
         if agreement >= MIN_CODE_AGREEMENT:
             return
@@ -372,6 +394,19 @@ def verify_text_encoder(recommender: "Recommender", encoder: "TextEncoder") -> N
         why = f"the encoder {recommender.text.encoder!r} now computes other vectors (other weights or version?)"
     raise DataError(f"the text encoder does not reproduce the stored items ({found}): {why}; new items would not "
                     "be comparable with them", fingerprint.manifest)
+
+
+def _field_pairs(recommender: "Recommender", encoder: "TextEncoder", rows: list[int]
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The fingerprint items' non-empty knowledge fields: fresh vectors, stored vectors and names."""
+    pairs = [(row, column, texts[row - 1]) for row in rows
+             for column, texts in enumerate(recommender.knowledge_texts.values()) if texts[row - 1]]
+    if not pairs:
+        return np.zeros((0, 0)), np.zeros((0, 0)), []
+    fresh = np.asarray(encoder.encode([text for _, _, text in pairs]), dtype=np.float32)
+    stored = np.stack([recommender.net.knowledge_features[row, column].numpy() for row, column, _ in pairs])
+    names = list(recommender.knowledge_texts)
+    return fresh, stored, [f"{recommender.item_tokens[row - 1]!r} ({names[column]})" for row, column, _ in pairs]
 
 
 def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
@@ -390,13 +425,17 @@ def save_model_dir(recommender: "Recommender", directory: Path, overwrite: bool 
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
         (tmp / "weights.pt").write_bytes(buffer.getvalue())
-        write_atomic(tmp / "items.item", ITEM_FIELDS, [(t, text, recommender.alias_of.get(t, "")) for t, text in
-                                                        zip(recommender.item_tokens, recommender.item_texts)])
+        fields = recommender.knowledge_texts
+        write_atomic(tmp / "items.item", ITEM_FIELDS + [(KNOWLEDGE_COLUMN.format(f), "token_seq") for f in fields],
+                     [(t, text, recommender.alias_of.get(t, ""), *(texts[row] for texts in fields.values()))
+                      for row, (t, text) in enumerate(zip(recommender.item_tokens, recommender.item_texts))])
         if net.use_text:
             np.save(tmp / "item_features.npy", net.item_features.numpy().astype(np.float32))
         if recommender.item_codes is not None:
             np.save(tmp / "item_codes.npy", recommender.item_codes.codes.astype(np.int16))  # codes_per_digit <= 256
             (tmp / "quantizer.faiss").write_bytes(recommender.item_codes.quantizer.to_bytes())
+        if net.knowledge is not None:
+            np.save(tmp / "knowledge_features.npy", net.knowledge_features.numpy().astype(np.float32))
         manifest["checksums"] = {}
         for name in CHECKSUMMED:
             if (tmp / name).is_file():

@@ -24,6 +24,8 @@ class ModelParts(NamedTuple):
     aliases: dict[str, str]
     item_codes: ItemCodes | None
     text_fingerprint: "TextFingerprint | None" = None
+    knowledge_features: torch.Tensor | None = None  # (N + 1, fields, plm_dim) for a model with knowledge fields
+    knowledge_texts: dict[str, list[str]] | None = None  # field -> its text of items 1..N ("" where empty)
 
 
 class TextFingerprint(NamedTuple):

@@ -1,7 +1,8 @@
 """Recommender: a trained model as an answer to "what next for this history?".
 
-Holds the network in eval mode, the item tokens and texts, the frozen text vectors and the
-adapted item table (computed once; ``add_items`` appends rows instead of recomputing).
+Holds the network in eval mode, the item tokens and texts, the frozen text vectors (and, for a model
+with knowledge fields, each field's text and vector) and the adapted item table (computed once;
+``add_items`` appends rows instead of recomputing).
 Histories and results use the dataset's own item tokens (e.g. ASINs), never internal ids.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from unisrec_x.items.codes import ItemCodes
-from unisrec_x.data.text import clean_text
+from unisrec_x.data.text import clean_text, join_fields
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.evaluation.ranking import DEFAULT_CHUNK, chunked_topk
@@ -149,7 +150,9 @@ class Recommender:
     def __init__(self, net: UniSRec, item_tokens: Sequence[str], item_texts: Sequence[str],
                  item_features: torch.Tensor | None, text: TextSettings | None,
                  chunk_size: int = DEFAULT_CHUNK, aliases: Mapping[str, str] | None = None,
-                 item_codes: ItemCodes | None = None, text_fingerprint: TextFingerprint | None = None) -> None:
+                 item_codes: ItemCodes | None = None, text_fingerprint: TextFingerprint | None = None,
+                 knowledge_features: torch.Tensor | None = None,
+                 knowledge_texts: Mapping[str, Sequence[str]] | None = None) -> None:
         """
         Args:
             net: a trained ``UniSRec`` (any variant).
@@ -164,6 +167,9 @@ class Recommender:
                 (``use_codes``); ``add_items`` encodes new items' texts with the same quantizer.
             text_fingerprint: stored items the text encoder must reproduce before ``add_items`` uses it
                 (a model directory's; ``None``: nothing to verify).
+            knowledge_features: for a model with knowledge fields, (N + 1, fields, plm_dim) vectors of each
+                field, row 0 = padding: precomputed, so serving needs no text encoder until ``add_items``.
+            knowledge_texts: field -> its text of items 1..N (kept and saved with the model; default empty).
         """
         if len(item_tokens) != len(item_texts):
             raise ValueError(f"{len(item_tokens)} item tokens but {len(item_texts)} texts")
@@ -188,9 +194,18 @@ class Recommender:
         self.item_codes = item_codes if net.use_codes else None
         if net.use_text and item_features is None:
             raise ValueError("this model uses text: item_features are required")
+        if net.knowledge is not None and knowledge_features is None:
+            raise ValueError(f"this model uses the knowledge fields {net.knowledge_fields}: knowledge_features are required")
+        fields = net.knowledge_fields
+        self.knowledge_texts = {f: list((knowledge_texts or {}).get(f, [""] * len(self.item_tokens))) for f in fields}
+        short = [f for f, texts in self.knowledge_texts.items() if len(texts) != len(self.item_tokens)]
+        if short:
+            raise ValueError(f"knowledge_texts of {short} do not have one text per item ({len(self.item_tokens)})")
         with torch.inference_mode():
             if net.use_text:
                 net.set_item_features(item_features)
+            if net.knowledge is not None:
+                net.set_knowledge_features(knowledge_features)
             if self.item_codes is not None:
                 net.set_item_codes(self.item_codes.table())
             self.table = net.item_table(chunk_size)  # (N + 1, D)
@@ -318,18 +333,20 @@ class Recommender:
         token = self.item_tokens[item_id - 1]
         return Recommendation(token, float(score), self.item_texts[item_id - 1], self.alias_of.get(token, ""))
 
-    def add_items(self, items: Mapping[str, str]) -> list[str]:
+    def add_items(self, items: Mapping[str, str | Mapping[str, str]]) -> list[str]:
         """Make new items rankable at once from their text alone; returns the tokens added.
 
         Texts go through the model's own text encoder and adapter; a model with item codes gives each
         new item the codes of its text (same quantizer). A transductive model has no ID embedding for a
         new item, so its vector is the text (and code) part alone (its ID row is zero).
+        A model with knowledge fields takes each item as a mapping of field -> text (``knowledge_inputs``):
+        each field is encoded on its own, and the item's vector is its knowledge (+ text, codes) part.
         Every id and text is checked before anything changes, and the clash check and the append
         are one locked step, so concurrent calls never add an id twice. With ``journaling`` (serve)
         the items are in the journal, fsync'd, before they count; a refused write
         (``JournalUnavailable``) adds nothing.
         """
-        if not (self.net.use_text or self.net.use_codes):
+        if not (self.net.use_text or self.net.use_codes or self.net.knowledge is not None):
             raise RequestError("this model has no text side (ID-only, e.g. SASRec): new items need retraining")
         if self.net.text_top is not None and self.net.use_codes:
             raise RequestError("this model has a trained text top and item codes: a new item's codes come from its "
@@ -342,24 +359,69 @@ class Recommender:
             listed = "; ".join(f"{ascii(_abridged(t) if isinstance(t, str) else t)}: {why}" for t, why in bad[:20])
             raise RequestError(f"{len(bad)} invalid item id(s): {listed}", [shown(_abridged(str(t))) for t, _ in bad])
         self._refuse_known(tokens)  # before encoding, which takes seconds
-        texts = [clean_text(str(items[t])) for t in tokens]
-        blank = [t for t, text in zip(tokens, texts) if not text]
+        texts, fields = self.knowledge_inputs(items, tokens)
+        reads_text = self.net.use_text or self.net.use_codes
+        blank = [t for i, t in enumerate(tokens) if not texts[i]] if reads_text else [
+            t for i, t in enumerate(tokens) if not any(v[i] for v in fields.values())]
         if blank:
-            raise RequestError(f"{len(blank)} item(s) have empty text: {', '.join(blank[:20])}", blank)
-        broken = [t for t, text in zip(tokens, texts) if not _is_utf8(text)]
+            what = "empty text" if reads_text else "no knowledge (every field is empty)"
+            raise RequestError(f"{len(blank)} item(s) have {what}: {', '.join(blank[:20])}", blank)
+        broken = [t for i, t in enumerate(tokens)
+                  if not all(map(_is_utf8, [texts[i], *(v[i] for v in (fields or {}).values())]))]
         if broken:
             raise RequestError(f"{len(broken)} item(s) have text that is not valid UTF-8 (lone surrogate): "
                                f"{', '.join(broken[:20])}", broken)
-        features = self._encode(texts)
+        features = self._encode(texts) if reads_text else None
+        knowledge = None if fields is None else self._encode_fields(fields)
         journal = self.journal if self.journaling else None
         with self._adding, (model_lock(journal.model, SERVE_LOCK_WAIT) if journal else contextlib.nullcontext()):
             self._refuse_known(tokens)  # again: a concurrent call may have added one of them meanwhile
-            if journal is not None:
-                journal.append(tokens, texts, features)  # durable before it counts; refused: nothing changes
+            if journal is not None:  # durable before it counts; refused: nothing changes
+                journal.append(tokens, texts, features, knowledge, fields)
             with self.lock:
-                self._append(tokens, texts, features)
+                self._append(tokens, texts, features, knowledge, fields)
         log.info("added %d items; the catalog now has %d", len(tokens), self.num_items)
         return tokens
+
+    def knowledge_inputs(self, items: Mapping[str, object], tokens: list[str]
+                         ) -> tuple[list[str], dict[str, list[str]] | None]:
+        """The new items' texts (cleaned) and, for a model with knowledge fields, each field's texts.
+
+        Such a model takes each item as a mapping of field -> text (fields it does not name are empty,
+        unknown ones refused, so a misspelt field is not silently dropped) plus an optional ``text``: the
+        item's text, required when the model also reads one (``use_text`` or codes), else only shown in results
+        (default: the fields joined). A model without knowledge fields takes one string per item.
+        """
+        fields = self.net.knowledge_fields
+        if not fields:
+            odd = [t for t in tokens if isinstance(items[t], Mapping)]
+            if odd:
+                raise RequestError(f"{len(odd)} item(s) are given as fields, but this model has no knowledge fields: "
+                                   f"give each its text; {', '.join(odd[:20])}", odd)
+            return [clean_text(str(items[t])) for t in tokens], None
+        plain = [t for t in tokens if not isinstance(items[t], Mapping)]
+        if plain:
+            raise RequestError(f"this model reads the knowledge fields {', '.join(fields)}: give each new item a mapping "
+                               f"of field -> text (e.g. {{\"{fields[0]}\": \"...\"}}), not one string; "
+                               f"{len(plain)} item(s) are not: {', '.join(plain[:20])}", plain)
+        allowed = {*fields, "text"}
+        unknown = sorted({repr(k) for t in tokens for k in items[t] if k not in allowed})
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(unknown[:20])}: this model reads {', '.join(fields)} "
+                               "(and 'text', the item's own text)")
+        odd = [t for t in tokens if not all(isinstance(v, str) for v in items[t].values())]
+        if odd:
+            raise RequestError(f"{len(odd)} item(s) have a field that is not a string: {', '.join(odd[:20])}", odd)
+        needs_text = self.net.use_text or self.net.use_codes
+        untexted = [t for t in tokens if needs_text and "text" not in items[t]]
+        if untexted:
+            raise RequestError(f"this model also reads one text per item: give it as \"text\" beside the fields; "
+                               f"{len(untexted)} item(s) have none: {', '.join(untexted[:20])}", untexted)
+        texts_of = {f: [clean_text(items[t].get(f, "")) for t in tokens] for f in fields}
+        texts = [clean_text(items[t].get("text", "")) for t in tokens]
+        if not needs_text:  # only shown: the fields stand in for a missing one
+            texts = [text or join_fields([texts_of[f][i] for f in fields]) for i, text in enumerate(texts)]
+        return texts, texts_of
 
     def _refuse_known(self, tokens: list[str]) -> None:
         clash = sorted(t for t in tokens if t in self.token_to_id or t in self.aliases)
@@ -373,10 +435,12 @@ class Recommender:
             raise KnownItemsError(f"{len(twins)} item(s) already in the catalog in another Unicode form: " + ", ".join(
                 f"{t} (as {ascii(self._nfc_twins[t])}, the same after NFC normalisation)" for t in twins[:20]), twins)
 
-    def _encode(self, texts: list[str]) -> torch.Tensor:
+    def _encode(self, texts: list[str], frozen: bool = False) -> torch.Tensor:
         """Text vectors (n, plm_dim), ``batch_size`` texts per forward pass (the encoder's activations
-        grow with texts x tokens), shortest first so that each batch pads to little more than its own."""
+        grow with texts x tokens), shortest first so that each batch pads to little more than its own.
+        ``frozen``: through the frozen encoder even where the model has a trained text top (knowledge fields)."""
         encoder = self.text_encoder()
+        encoder = encoder.encoder if frozen and isinstance(encoder, TopEncoder) else encoder
         size = self.text.batch_size if self.text is not None else 64
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = [encoder.encode([texts[i] for i in order[start:start + size]]) for start in range(0, len(order), size)]
@@ -385,25 +449,43 @@ class Recommender:
         features[order] = stacked
         return torch.from_numpy(features)
 
-    def _append(self, tokens: list[str], texts: list[str], features: torch.Tensor) -> None:
+    def _encode_fields(self, fields: Mapping[str, list[str]]) -> torch.Tensor:
+        """Knowledge vectors (n, fields, plm_dim) from the frozen encoder; an empty field stays a zero vector
+        (absent), as in training (``SeqRecDataModule.knowledge_features``)."""
+        count = len(next(iter(fields.values())))
+        out = torch.zeros(count, len(fields), self.net.plm_dim)
+        for column, texts in enumerate(fields.values()):
+            rows = [i for i, text in enumerate(texts) if text]
+            if rows:
+                out[rows, column] = self._encode([texts[i] for i in rows], frozen=True)
+        return out
+
+    def _append(self, tokens: list[str], texts: list[str], features: torch.Tensor | None,
+                knowledge: torch.Tensor | None = None, fields: Mapping[str, list[str]] | None = None) -> None:
         """Grow every table by the new items; all is computed before anything is swapped in."""
         net = self.net
         with torch.inference_mode():
-            features = features.to(torch.float32)
+            features = None if features is None else features.to(torch.float32)
+            knowledge = None if knowledge is None else knowledge.to(torch.float32)
             item_codes, new_codes = (None, None) if self.item_codes is None else self.item_codes.extended(features.numpy())
             new_codes = None if new_codes is None else torch.from_numpy(new_codes)
             chunk = self.chunk_size
-            new_rows = torch.cat([net.new_item_vectors(features[start:start + chunk],
-                                                       None if new_codes is None else new_codes[start:start + chunk])
-                                  for start in range(0, len(features), chunk)])
+
+            def part(values: torch.Tensor | None, start: int) -> torch.Tensor | None:
+                return None if values is None else values[start:start + chunk]
+
+            new_rows = torch.cat([net.new_item_vectors(part(features, start), part(new_codes, start),
+                                                       part(knowledge, start)) for start in range(0, len(tokens), chunk)])
             table = torch.cat([self.table, new_rows])
             new_ids = torch.arange(len(self.table), len(table))  # past the popularity counts: count 0
             candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows, new_ids)])
         with torch.no_grad():  # not inference mode: a grown ID table stays trainable
-            net.grow(features if net.use_text else None, new_codes, len(tokens))
+            net.grow(features if net.use_text else None, new_codes, len(tokens), knowledge)
         if item_codes is not None:
             self.item_codes = item_codes
         self.table, self.candidates = table, candidates
+        for field, known in self.knowledge_texts.items():
+            known.extend(fields[field] if fields is not None else [""] * len(tokens))
         for token, text in zip(tokens, texts):
             self.item_tokens.append(token)
             self.item_texts.append(text)

@@ -64,7 +64,8 @@ class RecommendResponse(BaseModel):
 class AddItemsRequest(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    items: dict[str, str] = Field(description="new item id -> its text")
+    items: dict[str, str | dict[str, str]] = Field(description="new item id -> its text; for a model with knowledge "
+                                                   "fields, field -> text (and \"text\")")
 
 
 @dataclass
@@ -333,7 +334,8 @@ def create_app(recommender: Recommender, max_batch: int = 64, max_wait_ms: float
     async def add_items(body: AddItemsRequest = Depends(json_body(AddItemsRequest))) -> dict:
         if len(body.items) > max_items:
             raise HTTPException(413, f"{len(body.items)} items in one request; at most {max_items} are accepted")
-        long = [t for t, text in body.items.items() if len(text) > max_text_chars]
+        long = [t for t, text in body.items.items()
+                if (len(text) if isinstance(text, str) else sum(map(len, text.values()))) > max_text_chars]
         if long:
             raise RequestError(f"{len(long)} item text(s) over {max_text_chars} characters: "
                                f"{', '.join(long[:20])}", long)

@@ -2,9 +2,9 @@
 
 Item-ID and item-code embeddings and the popularity prior never transfer (IDs, codes and item counts
 mean nothing across domains): they are the only keys allowed to be missing or left behind, besides a
-learned history decay that a pretrained model without one leaves at its configured start. Anything
-else that does not match fails loudly, naming the keys and shapes, instead of a silent ``strict=False``
-partial load.
+learned history decay, a text top or a knowledge adapter that a pretrained model without one leaves at its
+configured start. Anything else that does not match fails loudly, naming the keys and shapes, instead of
+a silent ``strict=False`` partial load.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from unisrec_x.model.unisrec import UniSRec
 #: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts)
 NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight")
 #: may be missing from a pretrained checkpoint (one pretrained without it): kept at the model's own start
-FRESH_IF_ABSENT = ("encoder.learned_history_decay", "text_top.")
+#: (a knowledge adapter is trained end to end on the target's own fields, as in KAR)
+FRESH_IF_ABSENT = ("encoder.learned_history_decay", "text_top.", "knowledge.")
 
 
 def read_state_dict(path: str | Path, source: BinaryIO | None = None) -> dict[str, torch.Tensor]:

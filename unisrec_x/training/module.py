@@ -135,6 +135,8 @@ class SeqRecModule(pl.LightningModule):
             self.install_text_top()
         if self.net.use_codes:
             self.net.set_item_codes(self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).table())
+        if self.net.knowledge is not None:
+            self.net.set_knowledge_features(self.datamodule.knowledge_features(self.net.knowledge_fields))
         targets = self.datamodule.examples("train").targets
         self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
         if stage == "fit":
