@@ -71,8 +71,17 @@ def test_rows_have_mean_and_std_over_seeds_and_a_long_tail_slice():
                             "long_tail/rows": 7.0, "long_tail/recall@10": tail, "long_tail/ndcg@10": tail,
                             "long_tail/recall@50": tail, "long_tail/ndcg@50": tail}}
 
-    rows = rows_of([record(1, 0.01, 0.0), record(2, 0.02, 0.1), record(3, 0.03, 0.2)], ARMS)
+    runs = [record(1, 0.01, 0.0), record(2, 0.02, 0.1), record(3, 0.03, 0.2)]
+    for run, score in zip(runs, (0.05, 0.06, 0.07)):
+        run["best_validation"] = {"val/ndcg@10": score}
+    rows = rows_of(runs, ARMS)
     every, tail = (next(r for r in rows if r["slice"] == s) for s in ("all", "long-tail"))
+    assert every["validation_ndcg@10_mean"] == pytest.approx(0.06) and "validation_ndcg@10_mean" not in tail
+    floor = {**record(1, 0.01, 0.0), "arm": "floor", "knobs": {"decay": 0.25, "beta": 0.02},
+             "validation_ndcg@10": {"decay=0.25 beta=0.02": 0.066, "decay=0.0 beta=0.0": 0.05}}
+    assert next(r for r in rows_of([floor], ARMS) if r["slice"] == "all")["validation_ndcg@10_mean"] == 0.066
+    del runs[0]["best_validation"]  # a seed without its validation score: the row claims none
+    assert "validation_ndcg@10_mean" not in next(r for r in rows_of(runs, ARMS) if r["slice"] == "all")
     assert every["seeds"] == [1, 2, 3] and every["ndcg@10_mean"] == pytest.approx(0.02)
     assert every["ndcg@10_std"] == pytest.approx(0.01) and every["recall@10_mean"] == pytest.approx(0.04)
     assert tail["rows"] == 7 and tail["ndcg@10_mean"] == pytest.approx(0.1) and tail["regime"] in REGIMES

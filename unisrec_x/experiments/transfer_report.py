@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -56,6 +57,18 @@ def load_records(results: Path) -> list[dict]:
     return records
 
 
+def validation_score(record: dict) -> float | None:
+    """The validation N@10 a record was chosen on: a fit's best epoch (``best_validation``), the floor's chosen
+    knobs on its grid; ``None`` for records that keep none (baselines without knobs, records made before)."""
+    best = record.get("best_validation") or {}
+    if "val/ndcg@10" in best:
+        return best["val/ndcg@10"]
+    knobs, grid = record.get("knobs"), record.get("validation_ndcg@10")
+    if isinstance(knobs, dict) and isinstance(grid, dict):
+        return grid.get(f"decay={knobs.get('decay')} beta={knobs.get('beta')}")
+    return None
+
+
 def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
     """One row per (target, regime, arm, validation protocol, slice): mean and std over seeds of each reported
     metric, with the commits that made the seeds (``mixed_commits`` when they differ or are unknown)."""
@@ -79,6 +92,9 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
             for metric in REPORTED:
                 row[f"{metric}_mean"] = stats[prefix + metric]["mean"]
                 row[f"{metric}_std"] = stats[prefix + metric]["std"]
+            validations = [validation_score(r) for r in runs]
+            if slice_name == "all" and None not in validations:  # what selection saw, beside what test says
+                row["validation_ndcg@10_mean"] = round(statistics.fmean(validations), 6)
             rows.append(row)
     return rows
 
