@@ -73,3 +73,12 @@ def test_every_format_serves_the_trained_top(tuned_fit, real_root, tmp_path):
     exported = np.load(tmp_path / "export" / "item_vectors.npy")
     assert_close_f32(exported, again.item_vectors())
     assert exported.shape[0] == rec.num_items + 1
+
+
+def test_a_top_pooling_unlike_the_data_is_refused_before_training(real_root, tiny_encoder, tmp_path):
+    with pytest.raises(ValueError, match="text_top_pooling mean"):
+        main(["fit", "-c", str(CONFIGS / "scientific" / "unisrec_inductive.yaml"), "--data.data_root", str(real_root),
+              "--data.max_users", "30", "--data.text_encoder", tiny_encoder, "--data.pooling", "mean",
+              f"{NET}hidden_dim", "8", f"{NET}n_layers", "1", f"{NET}inner_dim", "16", f"{NET}text_top_layers", "1",
+              f"{NET}text_top_heads", "2", f"{NET}text_top_inner_dim", "64", "--trainer.max_steps", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])

@@ -148,6 +148,10 @@ class SeqRecModule(pl.LightningModule):
         """The frozen layers' token states from the data, and (unless a checkpoint or pretrained model
         already set them) the encoder's own top-layer weights as the top's start."""
         top = self.net.text_top
+        if top.pooling != self.datamodule.cache.pooling:  # the table replaces the data's vectors: pool them alike
+            raise ValueError(f"the text top pools by {top.pooling!r} but the data's text vectors by "
+                             f"{self.datamodule.cache.pooling!r}: set --model.init_args.net.init_args.text_top_pooling "
+                             f"{self.datamodule.cache.pooling} (or --data.pooling {top.pooling})")
         frozen, layers = self.datamodule.text_top_inputs(len(top.layers), load_weights=not bool(top.initialised))
         top.set_states(*frozen)
         if layers is not None:
