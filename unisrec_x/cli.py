@@ -174,6 +174,23 @@ def main(args: list[str] | None = None) -> None:
     except (DataError, NonFiniteLossError) as err:
         logging.getLogger("unisrec-x").error("%s", err)
         sys.exit(2)
+    except ValueError as err:  # jsonargparse wraps what a module's __init__ raises (a refused pretrained checkpoint)
+        inner = data_error_inside(err)
+        if inner is None:
+            raise
+        logging.getLogger("unisrec-x").error("%s", inner)
+        sys.exit(2)
+
+
+def data_error_inside(err: BaseException) -> DataError | None:
+    """The ``DataError`` an exception was raised while handling, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DataError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

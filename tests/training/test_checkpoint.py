@@ -130,3 +130,31 @@ def test_a_refused_pickle_says_why_without_torchs_advice_to_load_it_unsafely(tmp
     assert message == (f"{evil}: checkpoint holds objects other than tensors and plain values (exec), "
                        "which could run code when loaded; refused")
     assert "weights_only" not in message and "\x1b" not in message  # torch's advice (and its terminal colours)
+
+
+ID_ONLY = dict(use_text=False, use_item_id=True, similarity="dot")
+
+
+def test_same_domain_start_keeps_the_item_ids(tmp_path):
+    """CTRL's fine-tune runs on the catalog it was aligned on: its ID rows are the aligned ones, not fresh."""
+    torch.manual_seed(0)
+    aligned = UniSRec(num_items=30, **ID_ONLY, **DIMS)
+    path = _save(tmp_path, aligned)
+    fine = UniSRec(num_items=30, **ID_ONLY, **DIMS)
+    assert load_pretrained(fine, path, same_domain=True) == []
+    for key, value in aligned.state_dict().items():
+        torch.testing.assert_close(fine.state_dict()[key], value, rtol=0, atol=0)
+    other = UniSRec(num_items=30, **ID_ONLY, **DIMS)
+    assert load_pretrained(other, path) == ["item_embedding.weight"]  # across domains they start fresh
+    assert not torch.equal(other.item_embedding.weight, aligned.item_embedding.weight)
+
+
+def test_same_domain_start_refuses_another_catalog(tmp_path):
+    path = _save(tmp_path, UniSRec(num_items=30, **ID_ONLY, **DIMS))
+    with pytest.raises(DataError, match=r"pre.ckpt: checkpoint has 30 items, this data has 31: a same-domain start"):
+        load_pretrained(UniSRec(num_items=31, **ID_ONLY, **DIMS), path, same_domain=True)
+    text_only = _save(tmp_path, UniSRec(num_items=31, **DIMS), "text.ckpt")  # e.g. a cross-domain pretrained model
+    with pytest.raises(DataError, match=r"missing keys \['item_embedding.weight'\].*same-domain start"):
+        load_pretrained(UniSRec(num_items=31, use_item_id=True, **DIMS), text_only, same_domain=True)
+    with pytest.raises(ValueError, match="name one with pretrained"):
+        SeqRecModule(UniSRec(num_items=31, **ID_ONLY, **DIMS), pretrained_same_domain=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unisrec_x.objectives.losses import info_nce, next_item_loss
+from unisrec_x.objectives.losses import info_nce, next_item_loss, symmetric_info_nce
 
 
 def naive_info_nce(q, k, t, same=None):
@@ -50,3 +50,16 @@ def test_info_nce_is_finite_for_extreme_similarity():
 def test_next_item_loss_targets_are_item_ids():
     logits = torch.tensor([[10.0, 0.0, 0.0]])
     assert float(next_item_loss(logits, torch.tensor([1]))) < 1e-3  # item 1 is column 0
+
+
+def test_symmetric_info_nce_takes_both_directions():
+    """CTRL's alignment: each ID vector finds its text twin among the text vectors, and each text vector its ID twin."""
+    ids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])  # not a rotation of ids: the two directions differ
+    id_to_text, text_to_id = naive_info_nce(ids, texts, 0.5), naive_info_nce(texts, ids, 0.5)
+    assert abs(id_to_text - text_to_id) > 0.05  # 0.692 vs 0.634
+    assert float(symmetric_info_nce(ids, texts, 0.5)) == pytest.approx((id_to_text + text_to_id) / 2, rel=1e-5)
+    same = torch.tensor([7, 7, 9])  # rows 0 and 1 share a next item: not negatives of each other, either way
+    masked = (naive_info_nce(ids, texts, 0.5, same) + naive_info_nce(texts, ids, 0.5, same)) / 2
+    assert float(symmetric_info_nce(ids, texts, 0.5, same_target=same)) == pytest.approx(masked, rel=1e-5)
+    assert masked != pytest.approx((id_to_text + text_to_id) / 2)

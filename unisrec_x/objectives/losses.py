@@ -60,3 +60,11 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, temperature: float,
         clash.fill_diagonal_(False)
         logits = logits.masked_fill(clash, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(query), device=query.device))
+
+
+def symmetric_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float,
+                       same_target: torch.Tensor | None = None) -> torch.Tensor:
+    """Two views of the same rows pulled together both ways, as CTRL aligns its tabular and textual views
+    (Li et al., 2023): the mean of ``info_nce(first, second)`` (each row of ``first`` finds its twin among
+    ``second``'s rows) and ``info_nce(second, first)``; ``same_target`` masks false negatives in both."""
+    return (info_nce(first, second, temperature, same_target) + info_nce(second, first, temperature, same_target)) / 2

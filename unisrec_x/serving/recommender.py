@@ -208,7 +208,8 @@ class Recommender:
                 net.set_knowledge_features(knowledge_features)
             if self.item_codes is not None:
                 net.set_item_codes(self.item_codes.table())
-            self.table = net.item_table(chunk_size)  # (N + 1, D)
+            # detached: a SASRec-ID's table is its embedding Parameter itself, which numpy() and exports refuse
+            self.table = net.item_table(chunk_size).detach()  # (N + 1, D)
             self.candidates = net.candidate_vectors(self.table[1:])  # (N, D), what scores are taken against
 
     @property

@@ -5,6 +5,10 @@ mean nothing across domains): they are the only keys allowed to be missing or le
 learned history decay, a text top or a knowledge adapter that a pretrained model without one leaves at its
 configured start. Anything else that does not match fails loudly, naming the keys and shapes, instead of
 a silent ``strict=False`` partial load.
+
+A same-domain start (``same_domain``: the checkpoint was trained on this very item catalog, as CTRL's
+alignment stage is) keeps the ID and code embeddings and the prior too: then they must be there, for as
+many items.
 """
 
 from __future__ import annotations
@@ -74,16 +78,29 @@ def net_state(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(net: UniSRec, path: str | Path) -> list[str]:
-    """Copy pretrained weights into ``net``; returns the keys left at their fresh initialisation."""
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(NON_TRANSFERABLE)}
+def load_pretrained(net: UniSRec, path: str | Path, same_domain: bool = False) -> list[str]:
+    """Copy pretrained weights into ``net``; returns the keys left at their fresh initialisation.
+
+    ``same_domain``: the checkpoint's items are this model's items (same dataset), so its item-ID and code
+    embeddings and popularity prior are loaded too instead of left fresh; a checkpoint with another item
+    count is refused.
+    """
+    state = read_state_dict(path)
+    if not same_domain:
+        state = {k: v for k, v in state.items() if not k.startswith(NON_TRANSFERABLE)}
     own = net.state_dict()
-    fresh = [k for k in own if k.startswith(NON_TRANSFERABLE) or (k.startswith(FRESH_IF_ABSENT) and k not in state)]
+    fresh = [k for k in own if (k.startswith(NON_TRANSFERABLE) and not same_domain)
+             or (k.startswith(FRESH_IF_ABSENT) and k not in state)]
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - set(fresh))
     if unexpected or missing:
+        hint = ("a same-domain start keeps the checkpoint's item IDs: it must be a model of the same kind "
+                "(use_item_id / use_codes)" if same_domain and any(k.startswith(NON_TRANSFERABLE) for k in missing)
+                else "was it trained with use_text=True and the same n_layers / n_experts?")
         raise DataError(f"checkpoint does not fit this model: unexpected keys {unexpected[:6]}, missing keys {missing[:6]} "
-                        "(was it trained with use_text=True and the same n_layers / n_experts?)", path)
+                        f"({hint})", path)
+    if same_domain:
+        _check_item_count(state, own, path)
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                   if v.shape != own[k].shape]
     if mismatched:
@@ -91,3 +108,12 @@ def load_pretrained(net: UniSRec, path: str | Path) -> list[str]:
     merged = {**own, **state}
     net.load_state_dict(merged, strict=True)
     return fresh
+
+
+def _check_item_count(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A same-domain start needs the checkpoint's catalog: same item count (ID rows and prior counts)."""
+    for key in ("item_embedding.weight", "popularity_counts"):
+        if key in state and len(state[key]) != len(own[key]):
+            raise DataError(f"checkpoint has {len(state[key]) - 1} items, this data has {len(own[key]) - 1}: a same-domain "
+                            "start keeps the item IDs, so it needs the dataset the checkpoint was trained on (same "
+                            "dataset, max_users, exclude_items)", path)

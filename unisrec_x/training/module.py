@@ -57,12 +57,14 @@ class SeqRecModule(pl.LightningModule):
                  negative_sampling: NegativeSampling = "uniform", eval_chunk_size: int = DEFAULT_CHUNK,
                  loss_chunk_rows: int = 4096, encoder_chunk_tokens: int | None = 4096,
                  long_tail_max_count: int | None = 5, text_fresh: Literal["targets", "batch"] = "targets",
-                 text_refresh_steps: int = 50, text_top_lr: float = 3e-5, text_fresh_max: int | None = None) -> None:
+                 text_refresh_steps: int = 50, text_top_lr: float = 3e-5, text_fresh_max: int | None = None,
+                 pretrained_same_domain: bool = False) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
             ks: cut-offs for Recall/NDCG/MRR/Hit (default 10 and 50).
-            pretrained: checkpoint of a pretrained model to start from (its item-ID embedding, if any, is not used).
+            pretrained: checkpoint of a pretrained model to start from (its item-ID embedding, if any, is not
+                used, unless ``pretrained_same_domain``).
             freeze_encoder: keep the sequence encoder (Transformer, positions) fixed and train only the
                 adapter (and ID embedding): the paper's parameter-efficient fine-tuning.
             loss: ``full`` softmax over the catalog, or ``sampled`` (in-batch + ``num_negatives`` negatives,
@@ -91,12 +93,17 @@ class SeqRecModule(pl.LightningModule):
             text_fresh_max: at most this many fresh items a step, drawn at random from those ``text_fresh`` names
                 (the top's cost is linear in them: ~3x a table refresh's per item, benchmarks/README.md);
                 ``None``: all of them.
+            pretrained_same_domain: ``pretrained`` was trained on this very dataset (CTRL's alignment stage,
+                ``training/align.py``), so its item-ID and code embeddings are kept, not started fresh; a
+                checkpoint with another item count is refused.
         """
         super().__init__()
         self.save_hyperparameters()
         self.net = net
         if pretrained:
-            load_pretrained(net, pretrained)
+            load_pretrained(net, pretrained, same_domain=pretrained_same_domain)
+        elif pretrained_same_domain:
+            raise ValueError("pretrained_same_domain says how to read the pretrained checkpoint: name one with pretrained")
         if freeze_encoder:
             net.encoder.requires_grad_(False)
         if loss not in ("full", "sampled"):
@@ -129,20 +136,24 @@ class SeqRecModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.datamodule is None:
             return
-        if self.net.use_text:
-            self.net.set_item_features(self.datamodule.item_features)
+        self.install_item_inputs(self.net)
         if self.net.text_top is not None:
             self.install_text_top()
-        if self.net.use_codes:
-            self.net.set_item_codes(self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit).table())
-        if self.net.knowledge is not None:
-            self.net.set_knowledge_features(self.datamodule.knowledge_features(self.net.knowledge_fields))
         targets = self.datamodule.examples("train").targets
         self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
         if stage == "fit":
             self.set_training_targets(targets)
             if self.net.popularity_prior:  # only a fit counts: a test or validate run takes the saved counts, and
                 self.net.set_popularity_counts(self.train_counts)  # zero-shot (never fit here) keeps all at 0
+
+    def install_item_inputs(self, net: UniSRec) -> None:
+        """The data ``net``'s items are read from: text vectors, codes, knowledge vectors (whichever it uses)."""
+        if net.use_text:
+            net.set_item_features(self.datamodule.item_features)
+        if net.use_codes:
+            net.set_item_codes(self.datamodule.item_codes(net.code_digits, net.codes_per_digit).table())
+        if net.knowledge is not None:
+            net.set_knowledge_features(self.datamodule.knowledge_features(net.knowledge_fields))
 
     def install_text_top(self) -> None:
         """The frozen layers' token states from the data, and (unless a checkpoint or pretrained model
@@ -257,11 +268,12 @@ class SeqRecModule(pl.LightningModule):
             return self.net.encoder.outputs_at(item_emb, has_target, self.encoder_chunk_tokens), batch.target[has_target]
         return self.encode_training_histories(item_emb, batch.seq_len), batch.target
 
-    def encode_training_histories(self, item_emb: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+    def encode_training_histories(self, item_emb: torch.Tensor, seq_len: torch.Tensor,
+                                  net: UniSRec | None = None) -> torch.Tensor:
         """item_emb (B, L, D), seq_len (B,) -> the output at each history's last item (B, D), chunked
-        as ``encoder_chunk_tokens`` says."""
+        as ``encoder_chunk_tokens`` says; by ``net``'s encoder (default ``self.net``)."""
         last = torch.arange(item_emb.shape[1], device=seq_len.device) == (seq_len - 1).unsqueeze(1)  # (B, L)
-        return self.net.encoder.outputs_at(item_emb, last, self.encoder_chunk_tokens)
+        return (self.net if net is None else net).encoder.outputs_at(item_emb, last, self.encoder_chunk_tokens)
 
     def _sampled_loss(self, batch: SeqBatch | PositionBatch) -> torch.Tensor:
         """Adapt only the items this batch touches (histories, targets, negatives), then sampled softmax."""
