@@ -126,6 +126,29 @@ def test_a_dataset_without_an_item_file_says_so(real_root, tiny_encoder):
     assert err.value.path == str(real_root / "scientific" / "Scientific.item")
 
 
+def test_the_text_field_is_the_items_own_text_where_there_is_no_item_file(real_root, tiny_encoder):
+    """A UniSRec ``.text`` release has one text per item: the knowledge field ``text`` is that text, so
+    SASRec-ID + knowledge runs on Scientific, and it encodes to the text path's own vectors."""
+    data = SeqRecDataModule(dataset="scientific/Scientific", data_root=str(real_root), text_encoder=tiny_encoder,
+                            max_users=20)
+    features = data.knowledge_features(["text"])
+    assert features.shape == (data.num_items + 1, 1, 32)
+    assert_close_f32(features[1:, 0], data.item_features[1:])
+    assert (features[0] == 0).all()
+
+
+def test_the_text_field_sits_beside_item_file_fields(games, tiny_encoder):
+    data = SeqRecDataModule(dataset=str(games), text_encoder=tiny_encoder, batch_size=64,
+                            text_fields=["title", "brand"], missing_text="empty")
+    features = data.knowledge_features(["title", "text"])
+    texted = torch.tensor([bool(t) for t in data.data.domains[0].item_texts])
+    assert 0 < (~texted).sum() < len(texted)  # the slice has an item with neither title nor brand
+    assert_close_f32(features[1:, 1][texted], data.item_features[1:][texted])  # the text path's title + brand
+    assert (features[1:, 1][~texted] == 0).all()  # an empty field is a zero vector, as for any field
+    assert_close_f32(features[:, 0], data.knowledge_features(["title"])[:, 0])
+    assert not torch.allclose(features[1:, 0], features[1:, 1])  # a title alone is not the joined text
+
+
 def test_a_pretraining_source_reads_its_fields_from_the_raw_item_file(real_root):
     assert source_item_file("games", str(real_root)) == real_root / "games" / "Games.item"
     assert source_item_file("toys", str(real_root)) == real_root / "toys" / "Toys.item"

@@ -135,6 +135,28 @@ def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_its_last_checkpoint(tmp_path,
+                                                                                                     monkeypatch):
+    """CTRL's alignment has no ranking to stop early on: it runs ALIGN_PASSES full splits' worth of epochs, and
+    the fine-tune (the arm's result) reads its last weights; both commands are the record's key."""
+    calls, dirs = [], []
+    record = _recording_fit(calls)
+    monkeypatch.setattr(transfer, "run_process", lambda cmd, run_dir, threads: (dirs.append(run_dir),
+                                                                                record(cmd, run_dir, threads)))
+    args = (ARM["sasrec_aligned"], "office", "5%", 1, tmp_path / "results", tmp_path / "runs", tmp_path / "u.txt",
+            None, False, None, 1)
+    done = run_one(*args)
+    first, second = calls
+    assert first[first.index("-c") + 1] == "configs/ctrl/align.yaml" and dirs[0].name == "seed1-first-stage"
+    assert first[first.index("--trainer.max_epochs") + 1] == str(transfer.ALIGN_PASSES * 20)
+    assert int(first[first.index("--patience") + 1]) >= transfer.ALIGN_PASSES  # 20 validations never stop it
+    assert second[second.index("--model.init_args.pretrained") + 1] == str(dirs[0] / "checkpoints" / "last.ckpt")
+    assert dirs[1] == tmp_path / "runs" / "office" / "5pct" / "sasrec_aligned" / "seed1"
+    assert done["command"] == " && ".join(map(shlex.join, calls))
+    assert set(done["configs"]) == {"configs/ctrl/align.yaml", "configs/ctrl/finetune.yaml"}
+    assert run_one(*args) == done and len(calls) == 2  # reused by both commands
+
+
 @pytest.mark.parametrize("regime, interval", [("5%", 20), ("20%", 5), ("100%", 1)])
 def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path, regime, interval):
     """At 5% of the users an epoch is one step: validating per epoch stopped runs after ten steps."""
@@ -158,15 +180,16 @@ def test_every_trained_arms_command_parses(tmp_path, capsys):
         if arm.kind not in ("fit", "test"):
             continue
         regime = "zero-shot" if arm.kind == "test" else arm.regimes[0]
-        cmd = arm_command(arm, "scientific/Scientific", regime, 1, tmp_path / arm.name, None, "w.pt", False, None)
-        with pytest.raises(SystemExit) as exit_:
-            main([*cmd[1:], "--print_config"])
-        assert exit_.value.code in (None, 0), arm.name
-        printed = capsys.readouterr().out
-        assert "use_text:" in printed and "memory_dropout:" in printed, arm.name
-        for flag, value in zip(cmd, cmd[1:]):
-            if flag.endswith("memory_dropout"):
-                assert f"memory_dropout: {value}" in printed, arm.name
+        for cmd in transfer.stage_commands(arm, "scientific/Scientific", regime, 1, tmp_path / arm.name, None, "w.pt",
+                                           False, None):
+            with pytest.raises(SystemExit) as exit_:
+                main([*cmd[1:], "--print_config"])
+            assert exit_.value.code in (None, 0), arm.name
+            printed = capsys.readouterr().out
+            assert "use_text:" in printed and "memory_dropout:" in printed, arm.name
+            for flag, value in zip(cmd, cmd[1:]):
+                if flag.endswith("memory_dropout"):
+                    assert f"memory_dropout: {value}" in printed, arm.name
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,7 +203,8 @@ def _plan_commands(quick: bool, tmp_path) -> list[list[str]]:
         for regime in arm.regimes:
             if arm.kind in ("fit", "test"):
                 users = tmp_path / "users.txt" if 0 < REGIMES[regime] < 1 else None
-                commands.append(arm_command(arm, "office", regime, 1, tmp_path / "seed1", users, "w.pt", quick, "/data"))
+                commands += transfer.stage_commands(arm, "office", regime, 1, tmp_path / "seed1", users, "w.pt", quick,
+                                                    "/data")
     return commands
 
 

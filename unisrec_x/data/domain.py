@@ -90,6 +90,10 @@ class ItemTexts(Sequence[str]):
         return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
 
 
+#: the knowledge field that names the item's own text (whatever the text path joins), not an ``.item`` column
+ITEM_TEXT_FIELD = "text"
+
+
 @dataclass
 class Domain:
     """Item ``i`` (1-based) is ``item_tokens[i - 1]`` with text ``item_texts[i - 1]``.
@@ -104,11 +108,17 @@ class Domain:
     sequences: list[np.ndarray]
 
     def field_texts(self, fields: Sequence[str]) -> dict[str, list[str]]:
-        """Each of ``fields``' text per item (id order), read from the domain's ``.item`` file."""
-        if not isinstance(self.item_texts, ItemTexts):
+        """Each of ``fields``' text per item (id order), read from the domain's ``.item`` file; the field
+        ``ITEM_TEXT_FIELD`` is the item's text as the text path reads it, so a dataset with one text per item
+        (a UniSRec ``.text`` release) has one knowledge field too."""
+        named = [f for f in fields if f != ITEM_TEXT_FIELD]
+        if named and not isinstance(self.item_texts, ItemTexts):
             raise DataError(f"{self.name}: knowledge fields are read from the domain's .item file; this domain was "
                             "not loaded from files (load_domain)")
-        return self.item_texts.source.fields_of(self.item_tokens, fields)
+        out = self.item_texts.source.fields_of(self.item_tokens, named) if named else {}
+        if ITEM_TEXT_FIELD in fields:
+            out[ITEM_TEXT_FIELD] = list(self.item_texts)
+        return {f: out[f] for f in fields}
 
     def texts_of(self, tokens: list[str], rows: Sequence[int]) -> Sequence[str]:
         """Texts of a subset of items (``rows`` 0-based), still unread when this domain's are."""

@@ -71,6 +71,9 @@ class Arm:
     pretrained: bool = False
     regimes: tuple[str, ...] = ("5%", "20%", "100%")
     in_quick: bool = False  # part of ``--quick`` (the main job: minutes, so only the arms its findings need)
+    #: a fit run first in the same regime (CTRL's alignment stage), ``ALIGN_PASSES`` full splits' worth of
+    #: epochs long; its last checkpoint is ``{first_stage}`` in ``args``
+    first_stage: list[str] = field(default_factory=list)
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -81,6 +84,12 @@ HISTORY_DECAY = ["--model.init_args.net.init_args.history_decay", "0.25",
 TEXT_TOP = ["--model.init_args.net.init_args.text_top_layers", "1", "--model.init_args.text_fresh_max", "256"]
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
+#: issue 30 (after CTRL): SASRec-ID aligned with a text model (the text arms' architecture over the frozen
+#: vectors, both training), then fine-tuned alone from the aligned weights; the served model reads no text
+CTRL_ALIGN = ["-c", "configs/ctrl/align.yaml", "--model.init_args.text_net_args", "{last_item_residual: true}"]
+CTRL_FINETUNE = ["-c", "configs/ctrl/finetune.yaml", "--model.init_args.pretrained", "{first_stage}"]
+#: the alignment's length in full training splits' worth of epochs (it has no ranking to stop early on)
+ALIGN_PASSES = 20
 #: arms computed in this process, without training
 BASELINES = ("popularity", "text_knn", "floor")
 ARMS = [
@@ -139,6 +148,11 @@ ARMS = [
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *TEXT_TOP]),
     Arm("scratch_inductive_tuned1", "Scratch, inductive (text), encoder's last layer trained",
         ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL, *TEXT_TOP]),
+    # issue 30: text helping an ID model that stays ID-based. KAR: the item text's knowledge vector added to the
+    # ID embedding (the targets have one text per item, so one field: the item's text); CTRL: alignment first
+    Arm("sasrec_knowledge", "SASRec-ID + knowledge vector (KAR)",
+        ["-c", "configs/scientific/sasrec.yaml", "--model.init_args.net.init_args.knowledge_fields", "[text]"]),
+    Arm("sasrec_aligned", "SASRec-ID aligned with text, served ID-only (CTRL)", CTRL_FINETUNE, first_stage=CTRL_ALIGN),
 ]
 
 
@@ -190,7 +204,7 @@ def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
 def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
                 pretrained: str | None, quick: bool, data_root: str | None) -> list[str]:
     """The exact ``unisrec-x`` command of a trained arm (its key in the results folder)."""
-    cmd = ["unisrec-x", arm.kind, *[a.format(pretrained=pretrained) for a in arm.args], "--data.dataset", target,
+    cmd = ["unisrec-x", arm.kind, *[a.replace("{pretrained}", str(pretrained)) for a in arm.args], "--data.dataset", target,
            "--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir.parent),
            "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", run_dir.name,
            "--trainer.enable_progress_bar", "false"]
@@ -423,7 +437,29 @@ def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, use
                 if arm.kind == "floor" else "")
         return where, (f"baseline {arm.kind}{grid} --data.dataset {target} --data.train_users {users}"
                        + (f" --data.max_users {QUICK_USERS}" if quick else "") + "".join(f" {w}" for w in arm.args))
-    return where, shlex.join(arm_command(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root))
+    return where, " && ".join(map(shlex.join, stage_commands(arm, target, regime, seed, runs / where, users, pretrained,
+                                                           quick, data_root)))
+
+
+def stage_commands(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
+                   pretrained: str | None, quick: bool, data_root: str | None) -> list[list[str]]:
+    """A trained arm's commands in order: its first stage (if any, in ``first_stage_dir(run_dir)``, run for a
+    fixed ``ALIGN_PASSES`` passes) and the fit that starts from that stage's last checkpoint."""
+    if not arm.first_stage:
+        return [arm_command(arm, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
+    stage_dir = first_stage_dir(run_dir)
+    first = arm_command(Arm(arm.name, arm.label, arm.first_stage), target, regime, seed, stage_dir, users, pretrained,
+                        quick, data_root)
+    first = with_flags(first, {"--trainer.max_epochs": str(ALIGN_PASSES * validation_interval(regime)),
+                               "--patience": str(ALIGN_PASSES)})  # a fixed length: validation cannot stop it
+    last = Arm(arm.name, arm.label, [a.replace("{first_stage}", str(stage_dir / "checkpoints" / "last.ckpt"))
+                                      for a in arm.args])
+    return [first, arm_command(last, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
+
+
+def first_stage_dir(run_dir: Path) -> Path:
+    """Where an arm's first stage runs: beside the arm's own run folder."""
+    return run_dir.with_name(f"{run_dir.name}-first-stage")
 
 
 def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
@@ -442,7 +478,10 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
-        run_process(shlex.split(command), runs / where, threads)
+        stages = stage_commands(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root)
+        for stage in stages[:-1]:
+            run_process(stage, first_stage_dir(runs / where), threads)
+        run_process(stages[-1], runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
         if out.get("best_validation"):  # what the fit was selected on (the sampled users' rows in few-shot regimes)
