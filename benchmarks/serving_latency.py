@@ -137,7 +137,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--server_threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--peer", default=None, help="a second checkpoint or model directory of the same catalog: "
+                        "its in-process latency is measured in turns with --ckpt's, and the ratio printed (e.g. an "
+                        "aligned ID model against a text model, issue 30)")
     args = parser.parse_args()
+    if args.peer:
+        return compare_in_process(args)
     if args.ckpt:
         rec = Recommender.from_checkpoint(args.ckpt, args.data_root)
         from unisrec_x.data.datamodule import SeqRecDataModule
@@ -169,6 +174,35 @@ def main() -> None:
     one = figures["http"].get("1", {})
     print(f"RATIOS p99 / target: in-process {figures['in_process']['p99_ms'] / 20:.2f} (target 20 ms), "
           f"HTTP 1 client {one.get('p99_ms', float('nan')) / 50:.2f} (target 50 ms)")
+
+
+def compare_in_process(args: argparse.Namespace) -> None:
+    """``--ckpt`` and ``--peer`` answering the same histories in turns (blocks of 100 requests, so both see
+    the same load from whatever else runs), then peer / ckpt for p50 and p99."""
+    from unisrec_x.data.datamodule import SeqRecDataModule
+
+    if not args.ckpt:
+        raise SystemExit("--peer needs --ckpt: the model it is compared with")
+    models = {name: Recommender.from_checkpoint(path, args.data_root) for name, path in (("ckpt", args.ckpt),
+                                                                                        ("peer", args.peer))}
+    histories = test_histories(SeqRecDataModule("scientific/Scientific", data_root=args.data_root), models["ckpt"])
+    random.Random(0).shuffle(histories)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, rec in models.items():  # warm both
+        in_process(rec, histories, 50)
+    for start in range(0, args.requests, 100):
+        for name, rec in models.items():
+            for h in histories[start:start + 100]:
+                tick = time.perf_counter()
+                rec.recommend([h], k=10)
+                times[name].append(time.perf_counter() - tick)
+    figures = {"catalog": models["ckpt"].num_items, "k": 10, "ckpt": args.ckpt, "peer": args.peer,
+               **{f"in_process_{name}": summary(t, sum(t)) for name, t in times.items()}}
+    for name in models:
+        print(f"in process, {name}: {figures[f'in_process_{name}']}")
+    common.write_results("serving_latency_peer", figures, "python benchmarks/serving_latency.py " + " ".join(sys.argv[1:]))
+    ckpt, peer = figures["in_process_ckpt"], figures["in_process_peer"]
+    print(f"RATIOS peer / ckpt: p50 {peer['p50_ms'] / ckpt['p50_ms']:.2f}, p99 {peer['p99_ms'] / ckpt['p99_ms']:.2f}")
 
 
 if __name__ == "__main__":

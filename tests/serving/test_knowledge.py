@@ -230,3 +230,26 @@ def test_a_model_without_knowledge_refuses_fields(tiny_encoder):
     rec = Recommender(net, ["a", "b"], ["A", "B"], torch.randn(3, 32), TextSettings(tiny_encoder))
     with pytest.raises(RequestError, match="given as fields, but this model has no knowledge fields"):
         rec.add_items({"c": {"title": "C"}})
+
+
+def test_the_item_text_field_adds_items_from_a_text_file(tiny_encoder, tmp_path):
+    """SASRec-ID + the knowledge field ``text`` (the transfer benchmark's KAR arm on a one-text-per-item release):
+    ``unisrec-x add-items`` reads a new item's text from a ``.text`` file and encodes it as that field."""
+    from unisrec_x.items.encoder import TextEncoder
+    from unisrec_x.serving.commands import add_items
+
+    torch.manual_seed(0)
+    texts = ["red filament. eSUN", "a soldering iron", "pliers. Knipex"]
+    encoder = TextEncoder(tiny_encoder)
+    knowledge = torch.zeros(4, 1, 32)
+    knowledge[1:, 0] = torch.from_numpy(encoder.encode(texts))
+    net = UniSRec(num_items=3, plm_dim=32, hidden_dim=8, n_heads=2, inner_dim=16, max_seq_len=4, use_text=False,
+                  use_item_id=True, similarity="dot", knowledge_fields=["text"])
+    rec = Recommender(net, list("abc"), texts, None, TextSettings(tiny_encoder, batch_size=8),
+                      knowledge_features=knowledge, knowledge_texts={"text": texts})
+    saved = rec.save(tmp_path / "model")
+    write_atomic(tmp_path / "new.text", [("item_id", "token"), ("text", "token_seq")], [("d", "blue filament")])
+    assert add_items(["--ckpt", str(saved), "--items", str(tmp_path / "new.text"), "--out", str(tmp_path / "out")]) == 0
+    again = Recommender.from_checkpoint(tmp_path / "out")
+    assert again.item_tokens[-1] == "d" and again.knowledge_texts["text"][-1] == "blue filament"
+    assert_close_f32(again.net.knowledge_features[-1, 0], encoder.encode(["blue filament"])[0], rtol=1e-4)
