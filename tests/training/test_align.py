@@ -144,3 +144,31 @@ def test_the_id_model_must_not_read_text_and_text_net_args_are_checked():
     text = module.text_net
     assert text.use_text and not text.use_item_id and text.similarity == "cosine" and len(text.adapter.experts) == 2
     assert (text.hidden_dim, text.plm_dim, text.num_items) == (16, 8, 10)
+
+
+def test_catalog_alignment_places_items_no_history_holds():
+    """At 5% of the users most items are in no training history: ``align_items="catalog"`` aligns a draw of the
+    whole catalog each step, so their ID vectors move toward their text too; ``batch`` leaves them alone."""
+    from unisrec_x.data.sequences import SeqBatch
+
+    torch.manual_seed(0)
+    batch = SeqBatch(item_seq=torch.tensor([[1, 2, 0], [3, 1, 2]]), seq_len=torch.tensor([2, 3]),
+                     target=torch.tensor([3, 4]), domain=torch.zeros(2, dtype=torch.long))
+    moved = {}
+    for mode in ("batch", "catalog"):
+        torch.manual_seed(0)
+        module = AlignModule(UniSRec(num_items=30, plm_dim=8, **{**SASREC_ID, "hidden_dim": 16}), align_items=mode,
+                             align_items_max=None if mode == "catalog" else 4096)
+        module.text_net.set_item_features(torch.randn(31, 8))
+        _, _, items = module.tables(batch)
+        assert items.tolist() == ([1, 2, 3, 4] if mode == "batch" else list(range(1, 31)))
+        before = module.net.item_embedding.weight.detach().clone()
+        module.training_step(batch, 0).backward()
+        torch.optim.SGD(module.net.parameters(), lr=0.1).step()
+        moved[mode] = (module.net.item_embedding.weight.detach() - before)[5:].abs().sum(dim=1) > 0  # items 5..30
+    assert not moved["batch"].any() and moved["catalog"].all()
+    module.hparams.align_items_max = 7
+    draw = module.catalog_draw(torch.device("cpu"))
+    assert len(draw) == 7 == len(set(draw.tolist())) and 1 <= int(draw.min()) and int(draw.max()) <= 30
+    with pytest.raises(ValueError, match="align_items must be 'batch' or 'catalog'"):
+        AlignModule(UniSRec(num_items=30, plm_dim=8, **{**SASREC_ID, "hidden_dim": 16}), align_items="all")

@@ -153,6 +153,13 @@ ARMS = [
     Arm("sasrec_knowledge", "SASRec-ID + knowledge vector (KAR)",
         ["-c", "configs/scientific/sasrec.yaml", "--model.init_args.net.init_args.knowledge_fields", "[text]"]),
     Arm("sasrec_aligned", "SASRec-ID aligned with text, served ID-only (CTRL)", CTRL_FINETUNE, first_stage=CTRL_ALIGN),
+    # the alignment over a draw of the whole catalog (items in no training history too), the text model trained
+    # with it or held fixed
+    Arm("sasrec_aligned_catalog", "SASRec-ID aligned with text over the catalog, served ID-only",
+        CTRL_FINETUNE, first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog"]),
+    Arm("sasrec_aligned_catalog_fixed", "SASRec-ID aligned with a fixed text model over the catalog, served ID-only",
+        CTRL_FINETUNE, first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog",
+                                    "--model.init_args.freeze_text_net", "true"]),
 ]
 
 

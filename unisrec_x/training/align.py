@@ -8,7 +8,9 @@ text view's own (``text_net_args``). Each step pulls the two views together, bot
 
 - sequences: each history's vector from either net, against the batch's other histories (rows that share a
   next item are not each other's negatives), and
-- items: each of the batch's items' vectors from either net, against the batch's other items.
+- items: each of the batch's items' vectors from either net, against the batch's other items; or
+  (``align_items="catalog"``) as many items drawn from the whole catalog, so that items no training
+  history holds (most of the catalog when few users train) get an ID vector placed by their text too.
 
 The ID model is ``net``, so the checkpoint's ``net.*`` weights and ``hyper_parameters.net`` are a plain
 SASRec-ID: the fine-tune reads them (``SeqRecModule(pretrained=..., pretrained_same_domain=True)``) and serving
@@ -19,7 +21,7 @@ everywhere), plus ``val/align_seq``: the sequence term on the validation histori
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,7 +40,8 @@ class AlignModule(SeqRecModule):
 
     def __init__(self, net: UniSRec, text_net_args: dict[str, Any] | None = None, temperature: float = 0.07,
                  sequence_weight: float = 1.0, item_weight: float = 1.0, next_item_weight: float = 0.0,
-                 align_items_max: int | None = 4096, text_pretrained: str | None = None, freeze_text_net: bool = False,
+                 align_items_max: int | None = 4096, align_items: Literal["batch", "catalog"] = "batch",
+                 text_pretrained: str | None = None, freeze_text_net: bool = False,
                  ks: list[int] | None = None, eval_chunk_size: int = DEFAULT_CHUNK, loss_chunk_rows: int = 4096,
                  encoder_chunk_tokens: int | None = 4096) -> None:
         """
@@ -57,6 +60,9 @@ class AlignModule(SeqRecModule):
                 alignment. 0 (CTRL): the alignment alone; next-item training is the fine-tune's.
             align_items_max: the item term takes at most this many of the batch's items (a random draw), bounding
                 its items x items logits; ``None``: all of them.
+            align_items: whose items the item term aligns: the ``batch``'s (CTRL: the samples' own), or the
+                ``catalog``'s: a random draw of ``align_items_max`` items of the whole catalog each step
+                (``None``: every item), interacted with or not.
             text_pretrained: start the text model from this checkpoint (a text UniSRec, e.g. pretrained on other
                 domains by ``configs/pretrain/pretrain.yaml``); default: a random adapter and Transformer.
             freeze_text_net: keep the text model fixed (no gradient, no dropout): only the ID model moves toward
@@ -71,6 +77,8 @@ class AlignModule(SeqRecModule):
             raise ValueError(f"loss weights must be >= 0 with sequence_weight + item_weight > 0, got {weights}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if align_items not in ("batch", "catalog"):
+            raise ValueError(f"align_items must be 'batch' or 'catalog', got {align_items!r}")
         if align_items_max is not None and align_items_max < 2:
             raise ValueError(f"align_items_max must be at least 2 (or None: all), got {align_items_max}")
         super().__init__(net, ks, eval_chunk_size=eval_chunk_size, loss_chunk_rows=loss_chunk_rows,
@@ -108,8 +116,19 @@ class AlignModule(SeqRecModule):
         """The ID model's item table (N + 1, D), the text model's with only the batch's rows filled (N + 1, D),
         and the batch's items (U,), padding left out."""
         ids = torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten()]))
-        text_table = self.text_net.partial_item_table(ids)  # only the items the batch touches go through the adapter
-        return self.net.item_table(), text_table, ids[ids > 0]
+        items = ids[ids > 0]
+        if self.hparams.align_items == "catalog":
+            items = self.catalog_draw(ids.device)
+            ids = torch.unique(torch.cat([ids, items]))
+        text_table = self.text_net.partial_item_table(ids)  # only the items the step touches go through the adapter
+        return self.net.item_table(), text_table, items
+
+    def catalog_draw(self, device: torch.device) -> torch.Tensor:
+        """``align_items_max`` distinct items of the whole catalog (every item where that is ``None`` or more)."""
+        count, limit = self.net.num_items, self.hparams.align_items_max
+        if limit is None or limit >= count:
+            return torch.arange(1, count + 1, device=device)
+        return torch.randperm(count, device=device)[:limit] + 1
 
     def sequence_alignment(self, batch: SeqBatch | PositionBatch, id_table: torch.Tensor,
                            text_table: torch.Tensor) -> torch.Tensor:
