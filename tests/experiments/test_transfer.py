@@ -137,8 +137,8 @@ def test_an_edited_config_file_is_a_new_command(tmp_path, monkeypatch):
 
 def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_its_last_checkpoint(tmp_path,
                                                                                                      monkeypatch):
-    """CTRL's alignment has no ranking to stop early on: it runs ALIGN_PASSES full splits' worth of epochs, and
-    the fine-tune (the arm's result) reads its last weights; both commands are the record's key."""
+    """A fixed-length first stage (the first CTRL arms): ALIGN_PASSES full splits' worth of epochs, and the
+    fine-tune (the arm's result) reads its last weights; both commands are the record's key."""
     calls, dirs = [], []
     record = _recording_fit(calls)
     monkeypatch.setattr(transfer, "run_process", lambda cmd, run_dir, threads: (dirs.append(run_dir),
@@ -155,6 +155,29 @@ def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_it
     assert done["command"] == " && ".join(map(shlex.join, calls))
     assert set(done["configs"]) == {"configs/ctrl/align.yaml", "configs/ctrl/finetune.yaml"}
     assert run_one(*args) == done and len(calls) == 2  # reused by both commands
+
+
+def test_a_selected_first_stage_hands_its_best_checkpoint_on(tmp_path, monkeypatch):
+    """``sasrec_ctrl``: the alignment stops early like any fit, and the fine-tune starts from its best
+    checkpoint (copied to a fixed name, so the command is known before the stage runs) with --select_initial."""
+    calls, dirs = [], []
+    record = _recording_fit(calls)
+
+    def fake_run(cmd, run_dir, threads):
+        dirs.append(run_dir)
+        record(cmd, run_dir, threads)
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "best-epoch=3.ckpt").write_text("best")
+        (run_dir / "checkpoints" / "last.ckpt").write_text("last")
+
+    monkeypatch.setattr(transfer, "run_process", fake_run)
+    run_one(ARM["sasrec_ctrl"], "office", "5%", 1, tmp_path / "results", tmp_path / "runs", tmp_path / "u.txt", None,
+            False, None, 1)
+    first, second = calls
+    assert first[first.index("--trainer.max_epochs") + 1] == str(transfer.MAX_EPOCHS * 20) and "--patience" not in first
+    selected = dirs[0] / "checkpoints" / "selected.ckpt"
+    assert second[second.index("--model.init_args.pretrained") + 1] == str(selected) and selected.read_text() == "best"
+    assert second[second.index("--select_initial") + 1] == "true"
 
 
 @pytest.mark.parametrize("regime, interval", [("5%", 20), ("20%", 5), ("100%", 1)])

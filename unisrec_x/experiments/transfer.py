@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shlex
+import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,9 +72,11 @@ class Arm:
     pretrained: bool = False
     regimes: tuple[str, ...] = ("5%", "20%", "100%")
     in_quick: bool = False  # part of ``--quick`` (the main job: minutes, so only the arms its findings need)
-    #: a fit run first in the same regime (CTRL's alignment stage), ``ALIGN_PASSES`` full splits' worth of
-    #: epochs long; its last checkpoint is ``{first_stage}`` in ``args``
+    #: a fit run first in the same regime (CTRL's alignment stage); its checkpoint is ``{first_stage}`` in ``args``:
+    #: the best on validation, as any fit's, or with ``first_stage_passes`` the last of a run that long (in full
+    #: training splits' worth of epochs, validation not stopping it)
     first_stage: list[str] = field(default_factory=list)
+    first_stage_passes: int | None = None
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -88,7 +91,8 @@ POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
 #: vectors, both training), then fine-tuned alone from the aligned weights; the served model reads no text
 CTRL_ALIGN = ["-c", "configs/ctrl/align.yaml", "--model.init_args.text_net_args", "{last_item_residual: true}"]
 CTRL_FINETUNE = ["-c", "configs/ctrl/finetune.yaml", "--model.init_args.pretrained", "{first_stage}"]
-#: the alignment's length in full training splits' worth of epochs (it has no ranking to stop early on)
+#: the first alignment arms' fixed length in full training splits' worth of epochs (before the ID model's validation
+#: ranking was seen to mean something during the alignment: it peaks within the first two passes, then falls)
 ALIGN_PASSES = 20
 #: arms computed in this process, without training
 BASELINES = ("popularity", "text_knn", "floor")
@@ -152,14 +156,20 @@ ARMS = [
     # ID embedding (the targets have one text per item, so one field: the item's text); CTRL: alignment first
     Arm("sasrec_knowledge", "SASRec-ID + knowledge vector (KAR)",
         ["-c", "configs/scientific/sasrec.yaml", "--model.init_args.net.init_args.knowledge_fields", "[text]"]),
-    Arm("sasrec_aligned", "SASRec-ID aligned with text, served ID-only (CTRL)", CTRL_FINETUNE, first_stage=CTRL_ALIGN),
+    Arm("sasrec_aligned", "SASRec-ID aligned with text, served ID-only (CTRL)", CTRL_FINETUNE, first_stage=CTRL_ALIGN,
+        first_stage_passes=ALIGN_PASSES),
     # the alignment over a draw of the whole catalog (items in no training history too), the text model trained
     # with it or held fixed
     Arm("sasrec_aligned_catalog", "SASRec-ID aligned with text over the catalog, served ID-only",
-        CTRL_FINETUNE, first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog"]),
+        CTRL_FINETUNE, first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog"],
+        first_stage_passes=ALIGN_PASSES),
     Arm("sasrec_aligned_catalog_fixed", "SASRec-ID aligned with a fixed text model over the catalog, served ID-only",
         CTRL_FINETUNE, first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog",
-                                    "--model.init_args.freeze_text_net", "true"]),
+                                    "--model.init_args.freeze_text_net", "true"], first_stage_passes=ALIGN_PASSES),
+    # the alignment early-stopped on the aligned ID model's own validation ranking, the fine-tune from its best
+    # checkpoint, which it keeps unless it validates better (--select_initial)
+    Arm("sasrec_ctrl", "SASRec-ID after CTRL (catalog alignment, then fine-tune; each selected on validation)",
+        [*CTRL_FINETUNE, "--select_initial", "true"], first_stage=[*CTRL_ALIGN, "--model.init_args.align_items", "catalog"]),
 ]
 
 
@@ -450,18 +460,35 @@ def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, use
 
 def stage_commands(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
                    pretrained: str | None, quick: bool, data_root: str | None) -> list[list[str]]:
-    """A trained arm's commands in order: its first stage (if any, in ``first_stage_dir(run_dir)``, run for a
-    fixed ``ALIGN_PASSES`` passes) and the fit that starts from that stage's last checkpoint."""
+    """A trained arm's commands in order: its first stage (if any, in ``first_stage_dir(run_dir)``) and the fit
+    that starts from that stage's checkpoint (``first_stage_checkpoint``)."""
     if not arm.first_stage:
         return [arm_command(arm, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
     stage_dir = first_stage_dir(run_dir)
     first = arm_command(Arm(arm.name, arm.label, arm.first_stage), target, regime, seed, stage_dir, users, pretrained,
                         quick, data_root)
-    first = with_flags(first, {"--trainer.max_epochs": str(ALIGN_PASSES * validation_interval(regime)),
-                               "--patience": str(ALIGN_PASSES)})  # a fixed length: validation cannot stop it
-    last = Arm(arm.name, arm.label, [a.replace("{first_stage}", str(stage_dir / "checkpoints" / "last.ckpt"))
+    if arm.first_stage_passes:  # a fixed length: validation cannot stop it
+        first = with_flags(first, {"--trainer.max_epochs": str(arm.first_stage_passes * validation_interval(regime)),
+                                   "--patience": str(arm.first_stage_passes)})
+    last = Arm(arm.name, arm.label, [a.replace("{first_stage}", str(first_stage_checkpoint(arm, stage_dir)))
                                       for a in arm.args])
     return [first, arm_command(last, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
+
+
+def first_stage_checkpoint(arm: Arm, stage_dir: Path) -> Path:
+    """What the arm's fit starts from: a fixed-length first stage's last checkpoint, else its best on
+    validation, copied to this fixed name once the stage has run (``keep_first_stage_best``)."""
+    return stage_dir / "checkpoints" / ("last.ckpt" if arm.first_stage_passes else "selected.ckpt")
+
+
+def keep_first_stage_best(stage_dir: Path) -> None:
+    """Copy the first stage's best checkpoint (its last where validation kept none) to ``selected.ckpt``."""
+    checkpoints = stage_dir / "checkpoints"
+    best = sorted(checkpoints.glob("best-*.ckpt"), key=os.path.getmtime)
+    source = best[-1] if best else checkpoints / "last.ckpt"
+    tmp = checkpoints / f".selected.ckpt.tmp-{os.getpid()}"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, checkpoints / "selected.ckpt")
 
 
 def first_stage_dir(run_dir: Path) -> Path:
@@ -488,6 +515,8 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         stages = stage_commands(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root)
         for stage in stages[:-1]:
             run_process(stage, first_stage_dir(runs / where), threads)
+            if not arm.first_stage_passes:
+                keep_first_stage_best(first_stage_dir(runs / where))
         run_process(stages[-1], runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
