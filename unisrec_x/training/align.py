@@ -112,12 +112,15 @@ class AlignModule(SeqRecModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.seq_len))
         return loss
 
-    def tables(self, batch: SeqBatch | PositionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ID model's item table (N + 1, D), the text model's with only the batch's rows filled (N + 1, D),
-        and the batch's items (U,), padding left out."""
+    def tables(self, batch: SeqBatch | PositionBatch, for_items: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ID model's item table (N + 1, D), the text model's with only the rows the step needs filled
+        (N + 1, D), and the items the item term aligns (U,): the batch's (padding left out), or with
+        ``align_items="catalog"`` a catalog draw, whose rows are filled only ``for_items`` (the sequence
+        term alone, as validation takes it, needs the batch's rows only)."""
         ids = torch.unique(torch.cat([batch.item_seq.flatten(), batch.target.flatten()]))
         items = ids[ids > 0]
-        if self.hparams.align_items == "catalog":
+        if for_items and self.hparams.align_items == "catalog":
             items = self.catalog_draw(ids.device)
             ids = torch.unique(torch.cat([ids, items]))
         text_table = self.text_net.partial_item_table(ids)  # only the items the step touches go through the adapter
@@ -147,7 +150,7 @@ class AlignModule(SeqRecModule):
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        id_table, text_table, _ = self.tables(batch)
+        id_table, text_table, _ = self.tables(batch, for_items=False)
         self.log("val/align_seq", self.sequence_alignment(batch, id_table, text_table), batch_size=len(batch.seq_len))
 
 
