@@ -349,8 +349,7 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     log.info("pretraining: %s", shlex.join(cmd))
     wall = run_process(cmd, run_dir, threads)
     # the best validation on the sources (never a target's test split) picks the checkpoint
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
-    checkpoint = torch.load(best[-1] if best else run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
     state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -481,14 +480,17 @@ def first_stage_checkpoint(arm: Arm, stage_dir: Path) -> Path:
     return stage_dir / "checkpoints" / ("last.ckpt" if arm.first_stage_passes else "selected.ckpt")
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """A fit's checkpoint that its validation chose (``best-*.ckpt``), its last where none was kept."""
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    return best[-1] if best else run_dir / "checkpoints" / "last.ckpt"
+
+
 def keep_first_stage_best(stage_dir: Path) -> None:
-    """Copy the first stage's best checkpoint (its last where validation kept none) to ``selected.ckpt``."""
-    checkpoints = stage_dir / "checkpoints"
-    best = sorted(checkpoints.glob("best-*.ckpt"), key=os.path.getmtime)
-    source = best[-1] if best else checkpoints / "last.ckpt"
-    tmp = checkpoints / f".selected.ckpt.tmp-{os.getpid()}"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, checkpoints / "selected.ckpt")
+    """Copy the first stage's ``best_checkpoint`` to ``selected.ckpt``."""
+    tmp = stage_dir / "checkpoints" / f".selected.ckpt.tmp-{os.getpid()}"
+    shutil.copyfile(best_checkpoint(stage_dir), tmp)
+    os.replace(tmp, stage_dir / "checkpoints" / "selected.ckpt")
 
 
 def first_stage_dir(run_dir: Path) -> Path:
