@@ -94,6 +94,11 @@ class ItemTexts(Sequence[str]):
 ITEM_TEXT_FIELD = "text"
 
 
+def item_file_fields(fields: Sequence[str]) -> list[str]:
+    """Those of ``fields`` read from an ``.item`` file's columns: all but ``ITEM_TEXT_FIELD``."""
+    return [f for f in fields if f != ITEM_TEXT_FIELD]
+
+
 @dataclass
 class Domain:
     """Item ``i`` (1-based) is ``item_tokens[i - 1]`` with text ``item_texts[i - 1]``.
@@ -111,7 +116,7 @@ class Domain:
         """Each of ``fields``' text per item (id order), read from the domain's ``.item`` file; the field
         ``ITEM_TEXT_FIELD`` is the item's text as the text path reads it, so a dataset with one text per item
         (a UniSRec ``.text`` release) has one knowledge field too."""
-        named = [f for f in fields if f != ITEM_TEXT_FIELD]
+        named = item_file_fields(fields)
         if named and not isinstance(self.item_texts, ItemTexts):
             raise DataError(f"{self.name}: knowledge fields are read from the domain's .item file; this domain was "
                             "not loaded from files (load_domain)")

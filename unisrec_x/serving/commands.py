@@ -98,10 +98,10 @@ def with_knowledge(items: dict[str, str], path: Path, fields: list[str]) -> dict
     ``text``; for any other model, ``items`` as they are."""
     if not fields:
         return items
-    from unisrec_x.data.domain import ITEM_TEXT_FIELD
+    from unisrec_x.data.domain import item_file_fields
     from unisrec_x.data.text import read_field_texts
 
-    named = [f for f in fields if f != ITEM_TEXT_FIELD]  # the item-text field is the item's text itself
+    named = item_file_fields(fields)  # the item-text field is the item's text itself, given as "text"
     columns = read_field_texts(path, named) if named else {}
     return {token: {"text": text, **{f: columns[f][token] for f in named}} for token, text in items.items()}
 
