@@ -19,7 +19,7 @@ ALLOWED = {
     "objectives": set(),
     "items": set(),
     "data": {"items"},
-    "evaluation": {"data"},
+    "evaluation": {"data", "model"},
     "training": {"model", "objectives", "evaluation", "data", "items"},
     "serving": {"model", "training", "items", "data", "evaluation"},
     "experiments": {"data", "evaluation"},

@@ -15,6 +15,7 @@ from unisrec_x.runtime.allocator import fix_mmap_threshold
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.training.checkpoint import read_state_dict
+from unisrec_x.training.floor_blend import blended_checkpoint
 from unisrec_x.training.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
 from unisrec_x.training.heap import HeapTrim
 from unisrec_x.training.initial import InitialWeights, tested_checkpoint
@@ -141,6 +142,8 @@ class UniSRecCLI(LightningCLI):
                 tested = tested_checkpoint(self.trainer, self.model, self.datamodule, MONITOR)
             else:
                 tested = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else None
+            if getattr(getattr(self.model, "net", None), "floor_blend", False):
+                tested = blended_checkpoint(self.trainer, self.model, self.datamodule, tested)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested or None, weights_only=True)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from unisrec_x.data.sequences import SeqBatch
 from unisrec_x.evaluation.metrics import RankingMetrics
 from unisrec_x.evaluation.ranking import chunked_target_ranks
+from unisrec_x.model.floor import floor_candidates, floor_query
 
 
 def text_knn(item_features: torch.Tensor, batches: Iterable[SeqBatch], ks: Sequence[int] = (10, 50),
@@ -60,28 +61,19 @@ def floor(item_features: torch.Tensor, train_targets: torch.Tensor | None, batch
     """Metrics of ``score(item) = cos(sum_j decay**j * unit(text(h_-j)), text(item)) + beta * log(1 + count(item))``.
 
     ``h_-0`` is the history's last item; ``count`` is the item's count among ``train_targets`` (the
-    regime's training targets; ``None``, as zero-shot has, means no prior). The prior rides along as
-    one more coordinate of query and candidates, so ranking stays a chunked dot product.
+    regime's training targets; ``None``, as zero-shot has, means no prior). Query and candidates are
+    ``model/floor.py``'s, which a model that carries the floor adds to its own.
     """
     unit = F.normalize(item_features.float(), dim=-1)
     num_items = len(unit) - 1
     counts = (torch.zeros(num_items + 1) if train_targets is None
               else torch.bincount(train_targets, minlength=num_items + 1).float())
-    candidates = torch.cat([unit[1:], torch.log1p(counts[1:]).unsqueeze(1)], dim=1)  # (N, d + 1)
+    candidates = floor_candidates(unit[1:], counts[1:])  # (N, d + 1)
     metrics = RankingMetrics(ks)
     for batch in batches:
-        query = F.normalize(decayed_history(unit, batch, knobs.decay), dim=-1)  # (B, d)
-        query = torch.cat([query, query.new_full((len(query), 1), knobs.beta)], dim=1)
+        query = floor_query(unit, batch.item_seq, batch.seq_len, knobs.decay, knobs.beta)  # (B, d + 1)
         metrics.update_ranks(chunked_target_ranks(query, candidates, batch.target - 1), batch.target)
     return _results(metrics, long_tail)
-
-
-def decayed_history(unit: torch.Tensor, batch: SeqBatch, decay: float) -> torch.Tensor:
-    """(B, d): the sum of the history's unit text vectors, the last weighted 1, each earlier one ``decay`` times less."""
-    positions = torch.arange(batch.item_seq.shape[1])
-    age = (batch.seq_len.unsqueeze(1) - 1 - positions).float()  # (B, L): 0 at the last item
-    weight = torch.where(age >= 0, torch.pow(torch.tensor(float(decay)), age.clamp(min=0)), 0.0)
-    return (weight.unsqueeze(-1) * unit[batch.item_seq]).sum(dim=1)
 
 
 def floor_grid(item_features: torch.Tensor, train_targets: torch.Tensor | None, batches: Sequence[SeqBatch],

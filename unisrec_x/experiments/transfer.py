@@ -85,6 +85,7 @@ HISTORY_DECAY = ["--model.init_args.net.init_args.history_decay", "0.25",
 #: issue 29: the text encoder's last layer trained with the model (``tuned`` in the arm id), 256 of each step's
 #: target items through it (benchmarks/README.md: a step's cost grows with them)
 TEXT_TOP = ["--model.init_args.net.init_args.text_top_layers", "1", "--model.init_args.text_fresh_max", "256"]
+FLOOR_BLEND = ["--model.init_args.net.init_args.floor_blend", "true"]
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
 #: issue 30 (after CTRL): SASRec-ID aligned with a text model (the text arms' architecture over the frozen
@@ -148,6 +149,13 @@ ARMS = [
     # issue 28 #3: the best from-scratch arm on mean-pooled text vectors (the encoder's own pooling)
     Arm("scratch_text_codes_mean", "Scratch, text + codes, mean-pooled text vectors",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, "--data.pooling", "mean"]),
+    # issue 28 #4: the trained model plus the floor, its weight (0 included) chosen on validation after the fit
+    Arm("scratch_text_codes_floorblend", "Scratch, text + codes, carrying the floor (weight chosen on validation)",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND]),
+    Arm("pretrained_text_codes_floorblend", "Pretrained, text + codes, carrying the floor (weight chosen on validation)",
+        ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
+         "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",
+         *FLOOR_BLEND, *_PRE], pretrained=True),
     Arm("scratch_text_codes_tuned1", "Scratch, text + codes, encoder's last layer trained",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *TEXT_TOP]),
     Arm("scratch_inductive_tuned1", "Scratch, inductive (text), encoder's last layer trained",
@@ -522,8 +530,8 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         run_process(stages[-1], runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
-        if out.get("best_validation"):  # what the fit was selected on (the sampled users' rows in few-shot regimes)
-            chosen = {"best_validation": out["best_validation"]}
+        # what the fit was selected on (the sampled users' rows in few-shot regimes), and a carried floor's choice
+        chosen = {key: out[key] for key in ("best_validation", "floor_blend") if out.get(key)}
     record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
               **code_version(), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,

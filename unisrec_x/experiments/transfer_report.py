@@ -58,8 +58,12 @@ def load_records(results: Path) -> list[dict]:
 
 
 def validation_score(record: dict) -> float | None:
-    """The validation N@10 a record was chosen on: a fit's best epoch (``best_validation``), the floor's chosen
-    knobs on its grid; ``None`` for records that keep none (baselines without knobs, records made before)."""
+    """The validation N@10 a record was chosen on: a fit's best epoch (``best_validation``) or, where the model
+    carries the floor, its blend's; the floor's chosen knobs on its grid; ``None`` for records that keep none
+    (baselines without knobs, records made before)."""
+    blend = (record.get("floor_blend") or {}).get("validation_ndcg@10") or {}
+    if "blend" in blend:
+        return blend["blend"]
     best = record.get("best_validation") or {}
     if "val/ndcg@10" in best:
         return best["val/ndcg@10"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unisrec_x.model.floor import floor_candidates, floor_query
 from unisrec_x.model.knowledge import KnowledgeAdapter
 from unisrec_x.model.moe_adapter import MoEAdapter
 from unisrec_x.model.seq_encoder import SequenceEncoder
@@ -36,7 +37,7 @@ class UniSRec(nn.Module):
                  popularity_prior: bool = False, popularity_weight: float = 0.0, text_top_layers: int = 0,
                  text_top_heads: int = 12, text_top_inner_dim: int = 1536, text_top_pooling: str = "cls",
                  text_top_dropout: float = 0.1, text_top_eps: float = 1e-12, knowledge_fields: list[str] | None = None,
-                 knowledge_shared_experts: int = 2, knowledge_field_experts: int = 1) -> None:
+                 knowledge_shared_experts: int = 2, knowledge_field_experts: int = 1, floor_blend: bool = False) -> None:
         """
         Args:
             num_items: catalog size without padding (linked from the data by the CLI).
@@ -99,6 +100,12 @@ class UniSRec(nn.Module):
             knowledge_shared_experts: whitening experts every field uses.
             knowledge_field_experts: whitening experts of each field's own. The adapter's input dropout is
                 ``adapter_dropout``.
+            floor_blend: the model can carry the floor (``model/floor.py``): ranking adds ``weight`` times the
+                training-free floor score (over the model's text vectors and training counts) to its own.
+                ``weight``, the floor's history decay and its prior's ``beta`` are not trained: they are chosen
+                on validation after the fit (``training/floor_blend.py``, ``set_floor``) and saved with the
+                model; until then (weight 0) and in every training loss the model ranks alone. Needs
+                ``use_text``.
         """
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -132,6 +139,8 @@ class UniSRec(nn.Module):
             raise ValueError(f"memory_scale must be positive, got {memory_scale}")
         if text_top_layers < 0 or (text_top_layers and not use_text):
             raise ValueError(f"text_top_layers must be 0, or positive with use_text=True; got {text_top_layers}")
+        if floor_blend and not use_text:
+            raise ValueError("floor_blend adds text similarity to the scores: it needs use_text=True")
         if popularity_weight != 0 and not popularity_prior:
             raise ValueError("popularity_weight is the popularity prior's initial weight: set popularity_prior=True")
         self.num_items, self.plm_dim, self.hidden_dim = num_items, plm_dim, hidden_dim
@@ -157,10 +166,13 @@ class UniSRec(nn.Module):
         self.encoder = SequenceEncoder(hidden_dim, n_layers, n_heads, inner_dim, dropout, attn_dropout, max_seq_len,
                                        last_item_residual=last_item_residual, history_decay=history_decay,
                                        learn_history_decay=learn_history_decay)
-        self.popularity_prior = popularity_prior
-        if popularity_prior:  # saved with the model (checkpoints, weights.pt); counts are data of this domain
+        self.popularity_prior, self.floor_blend = popularity_prior, floor_blend
+        if popularity_prior:
             self.popularity_weight = nn.Parameter(torch.tensor(float(popularity_weight)))
+        if self.counts_items:  # saved with the model (checkpoints, weights.pt); counts are data of this domain
             self.register_buffer("popularity_counts", torch.zeros(num_items + 1, dtype=torch.long))
+        if floor_blend:  # (weight, decay, beta), set_floor; saved, never transferred from a pretrained model
+            self.register_buffer("floor_knobs", torch.zeros(3))
         # Frozen text vectors: data, not parameters; set by set_item_features, not saved in checkpoints.
         # With a text top, its table of every item's vector (refresh_text_table).
         self.register_buffer("item_features", torch.zeros(0, plm_dim), persistent=False)
@@ -172,7 +184,7 @@ class UniSRec(nn.Module):
         """Install the text vectors, (num_items + 1, plm_dim) with row 0 the padding item."""
         if features.ndim != 2 or features.shape[1] != self.plm_dim:
             raise ValueError(f"text features have shape {tuple(features.shape)}, expected (items + 1, {self.plm_dim})")
-        if (self.use_item_id or self.popularity_prior) and features.shape[0] != self.num_items + 1:
+        if (self.use_item_id or self.counts_items) and features.shape[0] != self.num_items + 1:
             sized = "the ID embedding" if self.use_item_id else "the popularity counts"
             raise ValueError(f"text features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
         self.item_features = features.to(self._device, torch.float32)
@@ -186,7 +198,7 @@ class UniSRec(nn.Module):
         if features.ndim != 3 or features.shape[1:] != (fields, self.plm_dim):
             raise ValueError(f"knowledge features have shape {tuple(features.shape)}, expected (items + 1, {fields}, "
                              f"{self.plm_dim}) for the fields {self.knowledge_fields}")
-        if (self.use_item_id or self.popularity_prior) and features.shape[0] != self.num_items + 1:
+        if (self.use_item_id or self.counts_items) and features.shape[0] != self.num_items + 1:
             sized = "the ID embedding" if self.use_item_id else "the popularity counts"
             raise ValueError(f"knowledge features cover {features.shape[0] - 1} items but {sized} has {self.num_items}")
         self.knowledge_features = features.to(self._device, torch.float32)
@@ -221,10 +233,16 @@ class UniSRec(nn.Module):
             raise ValueError(f"item codes must lie in [0, {self.codes_per_digit}), got [{int(codes.min())}, {int(codes.max())}]")
         self.item_codes = codes.to(self._device, torch.long)
 
+    @property
+    def counts_items(self) -> bool:
+        """Whether the model keeps each item's count among its training targets (prior or floor)."""
+        return self.popularity_prior or self.floor_blend
+
     def set_popularity_counts(self, counts: torch.Tensor) -> None:
-        """Install the prior's counts: (num_items + 1,) training targets per item id (row 0 = padding)."""
-        if not self.popularity_prior:
-            raise ValueError("this model has no popularity prior (popularity_prior=False)")
+        """Install the training counts of the prior and the floor: (num_items + 1,) training targets per item
+        id (row 0 = padding)."""
+        if not self.counts_items:
+            raise ValueError("this model keeps no training counts (popularity_prior=False, floor_blend=False)")
         if counts.shape != self.popularity_counts.shape:
             raise ValueError(f"popularity counts have shape {tuple(counts.shape)}, expected ({self.num_items + 1},)")
         self.popularity_counts = counts.to(self.popularity_counts)
@@ -358,7 +376,7 @@ class UniSRec(nn.Module):
             embedding = nn.Embedding(len(weight) + count, weight.shape[1], padding_idx=0).to(weight)
             embedding.weight.data = torch.cat([weight, weight.new_zeros(count, weight.shape[1])])
         counts = (torch.cat([self.popularity_counts, self.popularity_counts.new_zeros(count)])
-                  if self.popularity_prior else None)
+                  if self.counts_items else None)
         if item_features is not None:
             self.item_features = item_features
         if item_codes is not None:
@@ -395,13 +413,56 @@ class UniSRec(nn.Module):
         vectors = F.normalize(item_vectors, dim=-1) if self.similarity == "cosine" else item_vectors
         if not self.popularity_prior:
             return vectors
+        return torch.cat([vectors, torch.log1p(self.training_counts(ids, len(vectors)).to(vectors)).unsqueeze(-1)], dim=-1)
+
+    def training_counts(self, ids: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """(R,) the items' counts among the training targets: of ``ids``, or items 1..``rows`` when ``None``.
+        An id past the count table is an item added after training, not yet grown into it: count 0."""
         counts = self.popularity_counts
-        if ids is None:
-            ids = torch.arange(1, len(vectors) + 1, device=counts.device)
-        ids = ids.to(counts.device)
+        ids = torch.arange(1, rows + 1, device=counts.device) if ids is None else ids.to(counts.device)
         known = ids < len(counts)
-        count = torch.where(known, counts[ids.clamp(max=len(counts) - 1)], torch.zeros_like(ids))  # (R,)
-        return torch.cat([vectors, torch.log1p(count.to(vectors)).unsqueeze(-1)], dim=-1)
+        return torch.where(known, counts[ids.clamp(max=len(counts) - 1)], torch.zeros_like(ids))
+
+    def set_floor(self, weight: float, decay: float, beta: float) -> None:
+        """Carry the floor with this ``weight`` (0: rank alone), history ``decay`` and prior ``beta``."""
+        if not self.floor_blend:
+            raise ValueError("this model cannot carry the floor (floor_blend=False)")
+        if weight < 0 or beta < 0 or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"floor weight and beta must be >= 0 and decay in [0, 1], got {weight}, {decay}, {beta}")
+        self.floor_knobs = torch.tensor([weight, decay, beta], dtype=torch.float32, device=self.floor_knobs.device)
+
+    @property
+    def floor_active(self) -> bool:
+        """Whether ranking adds the floor (a chosen weight above 0)."""
+        return self.floor_blend and float(self.floor_knobs[0]) > 0
+
+    def unit_text(self) -> torch.Tensor:
+        """(rows, plm_dim) the unit text vectors the floor compares (the text top's where it has one)."""
+        return F.normalize(self.item_features.float(), dim=-1)
+
+    def rank_queries(self, seq_repr: torch.Tensor, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """What full ranking (evaluation, serving, exports) scores with: ``query_vectors``, then, when the model
+        carries the floor, ``weight`` times the floor's query of the histories (``model/floor.py``)."""
+        query = self.query_vectors(seq_repr)
+        if not self.floor_active:
+            return query
+        weight, decay, beta = self.floor_knobs.tolist()
+        floor = floor_query(self.unit_text(), item_seq, seq_len, decay, beta)
+        return torch.cat([query, (weight * floor).to(query)], dim=-1)
+
+    def rank_candidates(self, item_vectors: torch.Tensor, ids: torch.Tensor | None = None,
+                        text: torch.Tensor | None = None) -> torch.Tensor:
+        """``candidate_vectors``, then, when the model carries the floor, the floor's candidates: the rows'
+        text vectors (``text`` (R, plm_dim) for items not yet in the tables) and training counts."""
+        vectors = self.candidate_vectors(item_vectors, ids)
+        if not self.floor_active:
+            return vectors
+        if text is not None:
+            unit = F.normalize(text.to(vectors.device, torch.float32), dim=-1)
+        else:
+            unit = self.unit_text()
+            unit = unit[1:len(vectors) + 1] if ids is None else unit[ids.to(unit.device)]
+        return torch.cat([vectors, floor_candidates(unit, self.training_counts(ids, len(vectors))).to(vectors)], dim=-1)
 
     def score(self, seq_repr: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """seq_repr (B, D) vs items 1..N of table (N + 1, D) -> logits (B, N); padding is never a candidate."""

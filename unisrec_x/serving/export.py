@@ -1,7 +1,8 @@
 """Export for serving stacks without this package: numpy item matrix + TorchScript query encoder.
 
     item_vectors.npy     (N, D) float32, row r is item r + 1 (scores = query @ item_vectors.T); a model with a
-                         popularity prior has D + 1 columns, the last log(1 + training count)
+                         popularity prior has D + 1 columns, the last log(1 + training count); one that
+                         carries the floor (``model/floor.py``) then the unit text vector and log(1 + count)
     item_ids.json        JSON array of the N item ids, one per row (non-ASCII characters \\u-escaped)
     item_ids.txt         the same ids, one per line: written only when no id could be split by a line
                          reader (no line break of any kind, no white space at either end)
@@ -38,23 +39,35 @@ log = logging.getLogger(__name__)
 
 
 class QueryEncoder(nn.Module):
-    """History ids -> query vector; cosine models are normalised and divided by the temperature, and a
-    popularity prior's weight is appended (``UniSRec.query_vectors``)."""
+    """History ids -> query vector; cosine models are normalised and divided by the temperature, a
+    popularity prior's weight is appended (``UniSRec.query_vectors``), and a carried floor's weighted query
+    (``UniSRec.rank_queries``)."""
 
     def __init__(self, encoder: SequenceEncoder, table: torch.Tensor, cosine: bool, temperature: float,
-                 prior_weight: torch.Tensor | None = None) -> None:
+                 prior_weight: torch.Tensor | None = None, floor_text: torch.Tensor | None = None,
+                 floor_knobs: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.register_buffer("table", table)
         self.cosine, self.temperature = cosine, temperature
         self.with_prior = prior_weight is not None
         self.register_buffer("prior_weight", torch.zeros(()) if prior_weight is None else prior_weight.detach().clone())
+        self.with_floor = floor_text is not None
+        self.register_buffer("floor_text", torch.zeros(0, 0) if floor_text is None else floor_text.detach().clone())
+        self.register_buffer("floor_knobs", torch.zeros(3) if floor_knobs is None else floor_knobs.detach().clone())
 
     def forward(self, item_seq: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         seq_repr = self.encoder(self.table[item_seq], seq_len)
         query = F.normalize(seq_repr, dim=-1) / self.temperature if self.cosine else seq_repr
         if self.with_prior:
             query = torch.cat([query, self.prior_weight.to(query.dtype).expand(query.shape[0], 1)], dim=1)
+        if self.with_floor:  # model/floor.py's query, written out: the export imports nothing of unisrec_x
+            age = (seq_len.unsqueeze(1) - 1 - torch.arange(item_seq.shape[1])).to(query.dtype)
+            weight = torch.where(age >= 0, torch.pow(self.floor_knobs[1].to(query.dtype), age.clamp(min=0.0)),
+                                 torch.zeros_like(age))
+            history = F.normalize((weight.unsqueeze(-1) * self.floor_text[item_seq]).sum(dim=1), dim=-1)
+            beta = self.floor_knobs[2].to(query.dtype).expand(query.shape[0], 1)
+            query = torch.cat([query, self.floor_knobs[0].to(query.dtype) * torch.cat([history, beta], dim=1)], dim=1)
         return query
 
 
@@ -70,8 +83,10 @@ def line_safe(token: str) -> bool:
 def export(recommender: "Recommender", directory: Path, overwrite: bool = False) -> Path:
     """Write the export; an existing export is replaced only with ``overwrite``, anything else is refused."""
     net = recommender.net
+    floor = net.floor_active
     module = QueryEncoder(copy.deepcopy(net.encoder).eval(), recommender.table.clone(), net.similarity == "cosine",
-                          float(net.temperature), net.popularity_weight if net.popularity_prior else None).eval()
+                          float(net.temperature), net.popularity_weight if net.popularity_prior else None,
+                          net.unit_text() if floor else None, net.floor_knobs if floor else None).eval()
     scripted = torch.jit.script(module)
     tokens = recommender.item_tokens
     id_files = ["item_ids.json"] + ["item_ids.txt"] * all(map(line_safe, tokens))

@@ -210,7 +210,7 @@ class Recommender:
                 net.set_item_codes(self.item_codes.table())
             # detached: a SASRec-ID's table is its embedding Parameter itself, which numpy() and exports refuse
             self.table = net.item_table(chunk_size).detach()  # (N + 1, D)
-            self.candidates = net.candidate_vectors(self.table[1:])  # (N, D), what scores are taken against
+            self.candidates = net.rank_candidates(self.table[1:])  # (N, D), what scores are taken against
 
     @property
     def num_items(self) -> int:
@@ -314,7 +314,8 @@ class Recommender:
         with self.lock, torch.inference_mode():
             seq_repr = self.net.encode_sequences(item_seq, seq_len, self.table)
             banned = None if exclude is None or not bool((exclude > 0).any()) else exclude - 1  # -1 = none
-            scores, index = chunked_topk(self.net.query_vectors(seq_repr), self.candidates, k, self.chunk_size, banned)
+            query = self.net.rank_queries(seq_repr, item_seq, seq_len)
+            scores, index = chunked_topk(query, self.candidates, k, self.chunk_size, banned)
         return scores.masked_fill(torch.isneginf(scores), float("nan")), index + 1
 
     def recommend(self, histories: Sequence[Sequence[str]], k: int = 10,
@@ -479,7 +480,7 @@ class Recommender:
                                                        part(knowledge, start)) for start in range(0, len(tokens), chunk)])
             table = torch.cat([self.table, new_rows])
             new_ids = torch.arange(len(self.table), len(table))  # past the popularity counts: count 0
-            candidates = torch.cat([self.candidates, net.candidate_vectors(new_rows, new_ids)])
+            candidates = torch.cat([self.candidates, net.rank_candidates(new_rows, new_ids, features)])
         with torch.no_grad():  # not inference mode: a grown ID table stays trainable
             net.grow(features if net.use_text else None, new_codes, len(tokens), knowledge)
         if item_codes is not None:

@@ -24,8 +24,9 @@ import torch
 from unisrec_x.errors import DataError, first_line
 from unisrec_x.model.unisrec import UniSRec
 
-#: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts)
-NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight")
+#: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts, the
+#: floor's knobs chosen on that domain's validation)
+NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight", "floor_knobs")
 #: may be missing from a pretrained checkpoint (one pretrained without it): kept at the model's own start
 #: (a knowledge adapter is trained end to end on the target's own fields, as in KAR)
 FRESH_IF_ABSENT = ("encoder.learned_history_decay", "text_top.", "knowledge.")

@@ -127,6 +127,7 @@ class SeqRecModule(pl.LightningModule):
         self._item_codes: ItemCodes | None = None  # a code model's codes, once loaded from a checkpoint
         self._eval_table: torch.Tensor | None = None
         self._eval_candidates: torch.Tensor | None = None
+        self.floor_blend_choice: dict | None = None  # what training/floor_blend.py chose after the fit
 
     @property
     def datamodule(self):
@@ -143,7 +144,7 @@ class SeqRecModule(pl.LightningModule):
         self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
         if stage == "fit":
             self.set_training_targets(targets)
-            if self.net.popularity_prior:  # only a fit counts: a test or validate run takes the saved counts, and
+            if self.net.counts_items:  # only a fit counts: a test or validate run takes the saved counts, and
                 self.net.set_popularity_counts(self.train_counts)  # zero-shot (never fit here) keeps all at 0
 
     def install_item_inputs(self, net: UniSRec) -> None:
@@ -317,10 +318,11 @@ class SeqRecModule(pl.LightningModule):
     def _eval_step(self, batch: SeqBatch) -> None:
         if self._eval_table is None:  # item vectors do not change during an evaluation pass
             self._eval_table = self.net.item_table(self.eval_chunk_size)
-            self._eval_candidates = self.net.candidate_vectors(self._eval_table[1:])
+            self._eval_candidates = self.net.rank_candidates(self._eval_table[1:])
         seq_repr = self.net.encode_sequences(batch.item_seq, batch.seq_len, self._eval_table)
-        self.metrics.update_ranks(chunked_target_ranks(self.net.query_vectors(seq_repr), self._eval_candidates,
-                                                       batch.target - 1, self.eval_chunk_size), batch.target)
+        query = self.net.rank_queries(seq_repr, batch.item_seq, batch.seq_len)
+        self.metrics.update_ranks(chunked_target_ranks(query, self._eval_candidates, batch.target - 1,
+                                                       self.eval_chunk_size), batch.target)
 
     def _finish_pass(self) -> dict[str, float]:
         values = self.metrics.compute()

@@ -59,6 +59,8 @@ class TestMetricsWriter(pl.Callback):
                    if k.startswith("test/")}
         payload = {"metrics": metrics, "checkpoint": trainer.ckpt_path, "epochs_trained": trainer.current_epoch,
                    "best_validation": best_validation(trainer),
+                   **({"floor_blend": pl_module.floor_blend_choice} if getattr(pl_module, "floor_blend_choice", None)
+                      else {}),
                    "fit_seconds": None if self.fit_seconds is None else round(self.fit_seconds, 1),
                    "peak_rss_mb": peak_rss_mb()}
         path = run_dir(trainer) / self.filename

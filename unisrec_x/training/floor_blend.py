@@ -1,0 +1,59 @@
+"""After a fit, choose on validation how much of the floor a model carries (``UniSRec.floor_blend``).
+
+With few target users a trained model learns little that the floor (``model/floor.py``: the decayed
+history's text similarity plus a popularity prior) does not already know: on Scientific with 5% of the
+users the floor ranked above every trained arm. A model with ``floor_blend`` ranks by
+``its score + weight * floor``. The floor's own knobs (decay, beta) are chosen first, on the floor alone,
+then the weight, each on the validation rows the fit was selected on; weight 0 (the model alone) is
+always a candidate, so validation never prefers the blend by construction. The chosen model is saved
+as ``blended.ckpt`` beside the fit's checkpoints and is the one that is tested and served.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+
+from unisrec_x.evaluation.baselines import floor_grid
+
+log = logging.getLogger(__name__)
+FILENAME = "blended.ckpt"
+#: weights on the floor, on the logit scale of a cosine model (cosine / temperature: 1 / 0.07 ~ 14 per unit
+#: of cosine); the largest makes the model little more than a tie-breaker
+FLOOR_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+METRIC = "ndcg@10"
+
+
+def choose_floor_blend(module, batches: Sequence, train_targets, weights: Sequence[float] = FLOOR_WEIGHTS) -> dict:
+    """Set ``module.net``'s floor to the knobs and weight with the best validation ``METRIC`` on ``batches``
+    (ties: the smaller weight), and return what was chosen and every candidate's score, for the record."""
+    net = module.net
+    knobs, floor_scores = floor_grid(net.item_features.cpu(), train_targets.cpu(), batches, metric=METRIC)
+    on_device = [type(batch)(*(field.to(module.device) for field in batch)) for batch in batches]
+    scores = {}
+    for weight in weights:
+        net.set_floor(weight, knobs.decay, knobs.beta)
+        scores[weight] = module.evaluate(on_device)[METRIC]
+    best = max(scores, key=lambda w: (scores[w], -w))
+    net.set_floor(best, knobs.decay, knobs.beta)
+    log.info("floor blend: weight %s, decay %s, beta %s (validation %s %.4f; the model alone %.4f, the floor alone "
+             "%.4f)", best, knobs.decay, knobs.beta, METRIC, scores[best], scores[0.0], floor_scores[tuple(knobs)])
+    return {"weight": best, "decay": knobs.decay, "beta": knobs.beta,
+            f"validation_{METRIC}": {"blend": round(scores[best], 6), "model": round(scores[0.0], 6),
+                                     "floor": round(floor_scores[tuple(knobs)], 6),
+                                     "weights": {str(w): round(v, 6) for w, v in scores.items()}}}
+
+
+def blended_checkpoint(trainer: pl.Trainer, module, datamodule, tested: str | None) -> str:
+    """Load ``tested`` (the checkpoint the fit would test), choose the floor blend on validation and save the
+    result as ``blended.ckpt``; its path. The choice is kept on ``module.floor_blend_choice`` for the record."""
+    if tested:  # the weights to blend: validate() loads them into the module (and reports their score)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
+    module.floor_blend_choice = choose_floor_blend(module, list(datamodule.val_dataloader()),
+                                                   datamodule.examples("train").targets)
+    path = Path(trainer.checkpoint_callback.dirpath) / FILENAME
+    trainer.save_checkpoint(path, weights_only=True)
+    return str(path)
