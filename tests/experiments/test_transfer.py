@@ -477,3 +477,15 @@ def test_baseline_arms_carry_their_data_settings_into_the_key_and_the_datamodule
     assert command == plain + " --data.pooling mean"  # another setting is another result
     with pytest.raises(ValueError, match="--data.NAME VALUE pairs"):
         transfer.data_settings(transfer.Arm("odd", "Odd", ["--model.x", "1"], kind="floor"))
+
+
+def test_an_arm_for_some_targets_is_planned_for_those_only(real_root, tmp_path, monkeypatch):
+    """The fields arms read Office's item fields, which Scientific's release does not have: a plan over both
+    targets runs them on Office alone."""
+    calls = []
+    monkeypatch.setattr(transfer, "run_process", _recording_fit(calls))
+    transfer.main(["--targets", "scientific/Scientific", "office", "--regimes", "100%", "--arms", "scratch_fields",
+                   "sasrec", "--full_seeds", "1", "--results", str(tmp_path / "results"), "--runs",
+                   str(tmp_path / "runs"), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    planned = sorted((c[c.index("--data.dataset") + 1], "knowledge_fields" in " ".join(c)) for c in calls)
+    assert planned == [("office", False), ("office", True), ("scientific/Scientific", False)]

@@ -20,7 +20,7 @@ from unisrec_x.data.domain import MissingText, first_users, load_domain, without
 from unisrec_x.data.interactions import Duplicates
 from unisrec_x.data.multidomain import MergedDomains, merge_domains
 from unisrec_x.data.positions import PositionExamples, TrainingExamples
-from unisrec_x.data.prepare import SOURCE_FILES, SOURCES, source_prefix
+from unisrec_x.data.prepare import PREPARED_FIELDS, SOURCE_FILES, SOURCES, source_prefix
 from unisrec_x.data.sequences import LengthBucketBatchSampler, ResumableLoader, SequenceExamples, Split
 from unisrec_x.errors import DataError
 from unisrec_x.runtime.paths import data_root as resolve_data_root, resolve_data_path
@@ -41,8 +41,9 @@ def resolve_dataset(name: str, data_root: str | None) -> Path:
 
 def source_item_file(name: str, data_root: str | None) -> Path | None:
     """A pretraining source's raw ``.item`` file in the data root (its prepared files keep only the joined
-    text), where its knowledge fields are read; ``None`` for any other dataset (``<prefix>.item``)."""
-    if name not in SOURCES:
+    text), where its knowledge fields are read; ``None`` for any other dataset and for a source whose fields
+    are prepared (Office's, ``data/prepare.py``): ``<prefix>.item``."""
+    if name not in SOURCES or name in PREPARED_FIELDS:
         return None
     try:
         root = resolve_data_root(data_root)

@@ -1,11 +1,15 @@
 """Turn each pretraining source into RecBole atomic files (``NAME.inter`` + ``NAME.text``) once.
 
+Office also gets ``Office.item`` (title, description, brand, categories as fields of their own, for
+knowledge fields and the multi-field text path) when the data root holds its optional ``office/apao`` text.
+
 A user adds a domain of their own the same way: write those two files and name the prefix.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -22,6 +26,10 @@ TEXT_FIELDS = [("item_id", "token"), ("text", "token_seq")]
 #: source name -> (folder, file stem) of its prepared files
 SOURCE_FILES = {"office": ("office", "Office"), "ml-100k": ("ml-100k", "ml-100k"), "lastfm": ("lastfm", "lastfm"),
                 "games": ("games", "Games"), "toys": ("toys", "Toys")}
+#: Office's richer item text (``office/apao``, PROVENANCE.md): the fields it has, in its JSON's order
+OFFICE_FIELDS = ("title", "description", "brand", "categories")
+#: sources whose ``.item`` (fields one by one) is written by preparation, not read from the data root
+PREPARED_FIELDS = ("office",)
 #: Amazon sources already in atomic form: the ``.item`` fields joined into each item's text
 AMAZON_TEXT_FIELDS = {"games": ("title", "categories", "brand"), "toys": ("title", "categories")}
 
@@ -45,7 +53,33 @@ def prepare_office(root: Path, out: Path) -> Path:
         if asin not in asin_to_id:
             raise DataError(f"ASIN {asin!r} is not in Office.item2index", texts.path, texts.lines[row])
         text_rows.append((asin_to_id[asin], clean_text(text)))
-    return _write(out, "office", rows, text_rows)
+    prefix = _write(out, "office", rows, text_rows)
+    if (src / "apao" / "Office.item.json").is_file():
+        write_atomic(f"{prefix}.item", [("item_id", "token"), *((f, "token_seq") for f in OFFICE_FIELDS)],
+                     office_fields(src / "apao", set(asin_to_id.values())))
+    return prefix
+
+
+def office_fields(apao: Path, item_ids: set[str]) -> list[tuple[str, ...]]:
+    """``(item_id, title, description, brand, categories)`` rows from APAO's ``Office.item.json`` (keyed by its own
+    0-based index) through ``apao_item_map.tsv`` (that index -> the split's ``item_id``), cleaned like the text."""
+    path, map_path = apao / "Office.item.json", apao / "apao_item_map.tsv"
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read Office's item fields: {err}", path) from err
+    if not isinstance(items, dict):
+        raise DataError("expected a JSON object of items", path)
+    table = read_atomic(map_path, required=("apao_item_idx", "lrd_item_id"), typed_header=False)
+    rows = []
+    for row, (index, item_id) in enumerate(zip(table.column("apao_item_idx"), table.column("lrd_item_id"))):
+        fields = items.get(index)
+        if item_id not in item_ids:
+            raise DataError(f"item {item_id!r} is not in Office.item2index", map_path, table.lines[row])
+        if not isinstance(fields, dict):
+            raise DataError(f"APAO item {index!r} has no entry in {path.name}", map_path, table.lines[row])
+        rows.append((item_id, *(clean_text(str(fields.get(f) or "")) for f in OFFICE_FIELDS)))
+    return rows
 
 
 def prepare_ml100k(out: Path) -> Path:
@@ -135,9 +169,20 @@ def source_prefix(name: str, root: str | Path | None = None, out: Path | None = 
     out = out or prepared_dir()
     folder, stem = SOURCE_FILES[name]
     prefix = out / folder / stem
-    if not Path(f"{prefix}.inter").is_file() or not Path(f"{prefix}.text").is_file():
+    wanted = [Path(f"{prefix}.inter"), Path(f"{prefix}.text")]
+    if name == "office" and root_has_office_fields(root):
+        wanted.append(Path(f"{prefix}.item"))  # prepared before the fields were: prepared again (seconds)
+    if not all(path.is_file() for path in wanted):
         SOURCES[name](data_root(root), out)
     return prefix
+
+
+def root_has_office_fields(root: str | Path | None) -> bool:
+    """Whether the data root holds Office's optional field-by-field text (``office/apao``)."""
+    try:
+        return (data_root(root) / "office" / "apao" / "Office.item.json").is_file()
+    except DataError:  # no data root: a source prepared earlier is used as it is
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,6 +77,8 @@ class Arm:
     #: training splits' worth of epochs, validation not stopping it)
     first_stage: list[str] = field(default_factory=list)
     first_stage_passes: int | None = None
+    #: only these targets (an arm that reads item fields only they have); ``None``: every target
+    targets: tuple[str, ...] | None = None
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -85,6 +87,8 @@ HISTORY_DECAY = ["--model.init_args.net.init_args.history_decay", "0.25",
 #: issue 29: the text encoder's last layer trained with the model (``tuned`` in the arm id), 256 of each step's
 #: target items through it (benchmarks/README.md: a step's cost grows with them)
 TEXT_TOP = ["--model.init_args.net.init_args.text_top_layers", "1", "--model.init_args.text_fresh_max", "256"]
+#: the item vector from the knowledge adaptor over separately encoded fields alone (no joined text); the fields follow
+FIELDS_ONLY = ["--model.init_args.net.init_args.use_text", "false", "--model.init_args.net.init_args.knowledge_fields"]
 FLOOR_BLEND = ["--model.init_args.net.init_args.floor_blend", "true"]
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
@@ -164,6 +168,15 @@ ARMS = [
     # ID embedding (the targets have one text per item, so one field: the item's text); CTRL: alignment first
     Arm("sasrec_knowledge", "SASRec-ID + knowledge vector (KAR)",
         ["-c", "configs/scientific/sasrec.yaml", "--model.init_args.net.init_args.knowledge_fields", "[text]"]),
+    # the text path over an item's fields encoded one by one (KAR's hybrid-expert adaptor) instead of one joined
+    # string: Office only (its optional APAO text, data/prepare.py); Scientific's release has one text per item.
+    # The first has the fields Office.text joins (title, categories, brand), the second adds the description
+    Arm("scratch_fields", "Scratch, inductive, fields encoded one by one (title, categories, brand)",
+        ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL, *FIELDS_ONLY, "[title,categories,brand]"],
+        targets=("office",)),
+    Arm("scratch_fields_description", "Scratch, inductive, fields one by one, with the description",
+        ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL, *FIELDS_ONLY,
+         "[title,categories,brand,description]"], targets=("office",)),
     Arm("sasrec_aligned", "SASRec-ID aligned with text, served ID-only (CTRL)", CTRL_FINETUNE, first_stage=CTRL_ALIGN,
         first_stage_passes=ALIGN_PASSES),
     # the alignment over a draw of the whole catalog (items in no training history too), the text model trained
@@ -639,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
                 users = (sample_path(target, share, results) if args.report_only else
                          user_sample(target, share, results, args.data_root, QUICK_USERS if quick else None))
             for arm in arms:
-                if regime not in arm.regimes:
+                if regime not in arm.regimes or (arm.targets is not None and target not in arm.targets):
                     continue
                 for seed in (full_seeds if share == 1 else seeds if share > 0 and arm.kind == "fit" else [seeds[0]]):
                     jobs.append((arm, target, regime, seed, users))
