@@ -67,3 +67,14 @@ def wait_until_healthy(proc, url: str, log: Path, deadline_s: float = 120.0) -> 
                 return
         except httpx.TransportError:
             time.sleep(0.1)
+
+
+def fixed_text_encoder(monkeypatch: pytest.MonkeyPatch, recommender, vectors) -> None:
+    """``recommender``'s text encoder replaced by one that returns the first rows of ``vectors`` (numpy, one per
+    text), for tests of what a model does with new items' vectors (the real encoder: test_recommender.py)."""
+
+    class FixedEncoder:
+        def encode(self, texts):
+            return vectors[:len(texts)]
+
+    monkeypatch.setattr(recommender, "text_encoder", lambda: FixedEncoder())

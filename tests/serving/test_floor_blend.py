@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import assert_close_f32
+from tests.serving.conftest import fixed_text_encoder
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.serving.recommender import Recommender, TextSettings
 
@@ -30,12 +31,7 @@ def _recommender(monkeypatch) -> Recommender:
     features = torch.randn(N + 1, PLM)
     features[0] = 0
     rec = Recommender(net, TOKENS, [f"Item {k}" for k in range(1, N + 1)], features, TextSettings("enc"))
-
-    class FixedEncoder:  # stands in for the text encoder (covered on real data in test_recommender.py)
-        def encode(self, texts):
-            return torch.randn(len(texts), PLM, generator=torch.Generator().manual_seed(5)).numpy()
-
-    monkeypatch.setattr(rec, "text_encoder", lambda: FixedEncoder())
+    fixed_text_encoder(monkeypatch, rec, torch.randn(4, PLM, generator=torch.Generator().manual_seed(5)).numpy())
     rec.add_items({"new": "a new thing"})
     return rec
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.serving.conftest import fixed_text_encoder
 from unisrec_x.cli import main
 from unisrec_x.errors import DataError
 from unisrec_x.model.unisrec import UniSRec
@@ -229,12 +230,7 @@ def code_model(tmp_path):
 def test_code_models_grow_save_and_export_with_or_without_text(use_text, tmp_path, monkeypatch):
     rec = _code_recommender(tmp_path, use_text)
     new_features = torch.randn(2, 8)
-
-    class FixedEncoder:  # stands in for the text encoder (covered on real data in test_recommender.py)
-        def encode(self, texts):
-            return new_features[:len(texts)].numpy()
-
-    monkeypatch.setattr(rec, "text_encoder", lambda: FixedEncoder())
+    fixed_text_encoder(monkeypatch, rec, new_features.numpy())
     rec.add_items({"new": "a new thing"})
     with torch.inference_mode():  # the new row: its text part (if any) plus the mean of its codes' embeddings
         codes = torch.from_numpy(rec.item_codes.codes[-1:])

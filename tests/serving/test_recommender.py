@@ -13,7 +13,7 @@ import torch
 from unisrec_x.serving.recommender import KnownItemsError, Recommender, RequestError, TextSettings
 from unisrec_x.model.unisrec import UniSRec
 from tests.conftest import assert_close_f32
-from tests.serving.conftest import HELD_OUT, SAME_FILAMENT
+from tests.serving.conftest import HELD_OUT, SAME_FILAMENT, fixed_text_encoder
 
 
 @pytest.fixture
@@ -174,12 +174,7 @@ def test_transductive_new_items_fall_back_to_their_text_vector(monkeypatch):
     features[0] = 0
     rec = Recommender(net, list("abcde"), list("ABCDE"), features, TextSettings("unused"))
     new_features = torch.randn(1, 8)
-
-    class FixedEncoder:  # stands in for the text encoder; the real one is covered above
-        def encode(self, texts):
-            return new_features.numpy()
-
-    monkeypatch.setattr(rec, "text_encoder", lambda: FixedEncoder())
+    fixed_text_encoder(monkeypatch, rec, new_features.numpy())
     rec.add_items({"f": "a new thing"})
     with torch.inference_mode():
         expected = net.adapter.eval()(new_features)[0]
