@@ -15,7 +15,7 @@ from unisrec_x.runtime.allocator import fix_mmap_threshold
 from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.training.checkpoint import read_state_dict
-from unisrec_x.training.floor_blend import blended_checkpoint
+from unisrec_x.training.floor_blend import blended_checkpoint, choose_floor_blend_on
 from unisrec_x.training.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
 from unisrec_x.training.heap import HeapTrim
 from unisrec_x.training.initial import InitialWeights, tested_checkpoint
@@ -105,6 +105,10 @@ class UniSRecCLI(LightningCLI):
         parser.add_argument("--select_initial", type=bool, default=False,
                             help="keep the weights fit starts from (untrained or pretrained) as a candidate: "
                             "validated once after fit, tested when no epoch beat them (training/initial.py)")
+        parser.add_argument("--floor_blend_on", type=Optional[list[str]], default=None,
+                            help="test only, for a model with floor_blend tested as it starts (zero-shot): choose the "
+                            "floor's weight and decay on these datasets' validation rows (the pretraining sources: a "
+                            "zero-shot user has no target labels) before testing (training/floor_blend.py)")
         parser.add_argument("--patience", type=Optional[PositiveInt], default=None,
                             help=f"fit only: validations without a better {MONITOR} before early stopping (default "
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
@@ -135,6 +139,18 @@ class UniSRecCLI(LightningCLI):
                     callback.patience = int(patience)  # a plain int: checkpoints load with weights_only
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
+
+    def before_test(self) -> None:
+        sources = self.config.test.get("floor_blend_on")
+        if not sources:
+            return
+        if not getattr(getattr(self.model, "net", None), "floor_blend", False):
+            raise DataError("--floor_blend_on chooses the floor a model carries: set "
+                            "--model.init_args.net.init_args.floor_blend true")
+        if self.config.test.get("ckpt_path"):
+            raise DataError("--floor_blend_on is for a model tested as it starts (zero-shot); a checkpoint of a fit "
+                            "carries the floor chosen on its own validation rows")
+        self.model.floor_blend_choice = choose_floor_blend_on(self.model, self.datamodule.of_other_datasets(sources))
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit", True) and not self.trainer.fast_dev_run:

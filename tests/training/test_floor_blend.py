@@ -83,6 +83,7 @@ def test_the_choice_is_made_on_the_batches_it_is_given_and_weight_0_stays_a_cand
     assert choice["weight"] > 0 and module.net.floor_active
     assert scores["blend"] == max(scores["weights"].values()) > scores["model"]
     assert list(module.net.floor_knobs) == pytest.approx([choice["weight"], choice["decay"], choice["beta"]])
+    assert module.evaluate(batches)["ndcg@10"] == pytest.approx(scores["blend"], abs=1e-6)  # what is tested
     # the floor's own knobs are the floor grid's on the same rows
     floor_alone = floor(features, torch.tensor([1, 2, 3]), batches, FloorKnobs(choice["decay"], choice["beta"]))
     assert scores["floor"] == pytest.approx(floor_alone["ndcg@10"], abs=1e-6)

@@ -58,6 +58,29 @@ def test_zero_shot_on_items_never_seen_in_pretraining(pretrained, real_root, tin
     assert zero_shot != untrained
 
 
+def test_zero_shot_carries_the_floor_chosen_on_the_sources_validation(pretrained, real_root, tiny_encoder, tmp_path):
+    """--floor_blend_on: the weight and decay are chosen on the sources' validation rows (no target labels, no
+    counts), recorded, and the target is tested with them; refused without floor_blend or with a fit's checkpoint."""
+    from unisrec_x.data.datamodule import SeqRecDataModule
+    from unisrec_x.evaluation.baselines import floor_grid
+
+    args = ["test", "-c", str(REPO / "configs" / "transfer" / "zero_shot.yaml"), *QUIET, "--data.max_users", "150",
+            "--data.text_encoder", tiny_encoder, "--data.data_root", str(real_root), "--model.init_args.pretrained",
+            str(pretrained), "--floor_blend_on", "[games,toys]", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    main([*args, "--model.init_args.net.init_args.floor_blend", "true"])
+    record = json.loads(next(tmp_path.rglob("test_metrics.json")).read_text())
+    choice = record["floor_blend"]
+    assert choice["beta"] == 0 and choice["chosen_on"] == "validation rows of ['games', 'toys']"
+    scores = choice["validation_ndcg@10"]
+    assert scores["blend"] == max(scores["weights"].values()) == scores["weights"][str(choice["weight"])]
+    sources = SeqRecDataModule(["games", "toys"], data_root=str(real_root), max_users=150, text_encoder=tiny_encoder)
+    knobs, grid = floor_grid(sources.item_features, None, list(sources.val_dataloader()))
+    assert choice["decay"] == knobs.decay and scores["floor"] == pytest.approx(grid[tuple(knobs)], abs=1e-6)
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    assert refused.value.code == 2
+
+
 def test_ddp_two_processes_see_different_batches_and_end_identical(real_root, tiny_encoder, tmp_path):
     env = {**os.environ, "DDP_PROBE_DIR": str(tmp_path), "PYTHONPATH": str(REPO), "UNISREC_X_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}

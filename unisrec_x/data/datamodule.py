@@ -149,6 +149,13 @@ class SeqRecDataModule(pl.LightningDataModule):
         for d in domains:
             log.info("%s: %d users, %d items, %d interactions", d.name, len(d.users), d.num_items, sum(map(len, d.sequences)))
 
+    def of_other_datasets(self, dataset: list[str]) -> "SeqRecDataModule":
+        """Other datasets read with this one's text and evaluation settings (every user: no sample, no exclusions),
+        e.g. the pretraining sources whose validation rows a zero-shot choice is made on."""
+        same = ("data_root", "text_fields", "missing_text", "dedupe", "duplicates", "max_seq_len", "eval_batch_size",
+                "max_users", "text_encoder", "pooling", "max_text_tokens", "encode_batch_size", "text_precision")
+        return SeqRecDataModule(dataset, **{name: self.hparams[name] for name in same})
+
     @property
     def num_items(self) -> int:
         return self.data.num_items

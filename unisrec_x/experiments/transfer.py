@@ -113,6 +113,11 @@ ARMS = [
     Arm("floor_mean", "Floor, mean-pooled text vectors", ["--data.pooling", "mean"], kind="floor", regimes=tuple(REGIMES)),
     Arm("zero_shot", "Pretrained, zero-shot", ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *_PRE],
         kind="test", pretrained=True, regimes=("zero-shot",), in_quick=True),
+    # issue 28 #4, zero-shot: the pretrained model carrying the floor, its weight and decay chosen on the sources'
+    # validation rows (the zero-shot floor's own choice is made there too)
+    Arm("zero_shot_floorblend", "Pretrained, zero-shot, carrying the floor (chosen on the sources' validation)",
+        ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *FLOOR_BLEND, "--floor_blend_on", "[games,toys]", *_PRE],
+        kind="test", pretrained=True, regimes=("zero-shot",)),
     Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
     Arm("scratch_inductive", "Scratch, inductive (text)", ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL]),
     Arm("scratch_transductive", "Scratch, transductive (text + ID)",

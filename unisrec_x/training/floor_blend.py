@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
+import torch
 
 from unisrec_x.evaluation.baselines import floor_grid
+from unisrec_x.evaluation.metrics import RankingMetrics
+from unisrec_x.evaluation.ranking import chunked_target_ranks
 
 log = logging.getLogger(__name__)
 FILENAME = "blended.ckpt"
@@ -29,14 +32,12 @@ METRIC = "ndcg@10"
 
 def choose_floor_blend(module, batches: Sequence, train_targets, weights: Sequence[float] = FLOOR_WEIGHTS) -> dict:
     """Set ``module.net``'s floor to the knobs and weight with the best validation ``METRIC`` on ``batches``
-    (ties: the smaller weight), and return what was chosen and every candidate's score, for the record."""
+    (ties: the smaller weight), and return what was chosen and every candidate's score, for the record.
+    ``train_targets`` None (zero-shot: no counts) searches the decay alone."""
     net = module.net
-    knobs, floor_scores = floor_grid(net.item_features.cpu(), train_targets.cpu(), batches, metric=METRIC)
-    on_device = [type(batch)(*(field.to(module.device) for field in batch)) for batch in batches]
-    scores = {}
-    for weight in weights:
-        net.set_floor(weight, knobs.decay, knobs.beta)
-        scores[weight] = module.evaluate(on_device)[METRIC]
+    knobs, floor_scores = floor_grid(net.item_features.cpu(), None if train_targets is None else train_targets.cpu(),
+                                     batches, metric=METRIC)
+    scores = blend_scores(module, batches, weights, knobs.decay, knobs.beta)
     best = max(scores, key=lambda w: (scores[w], -w))
     net.set_floor(best, knobs.decay, knobs.beta)
     log.info("floor blend: weight %s, decay %s, beta %s (validation %s %.4f; the model alone %.4f, the floor alone "
@@ -45,6 +46,40 @@ def choose_floor_blend(module, batches: Sequence, train_targets, weights: Sequen
             f"validation_{METRIC}": {"blend": round(scores[best], 6), "model": round(scores[0.0], 6),
                                      "floor": round(floor_scores[tuple(knobs)], 6),
                                      "weights": {str(w): round(v, 6) for w, v in scores.items()}}}
+
+
+@torch.no_grad()
+def blend_scores(module, batches: Sequence, weights: Sequence[float], decay: float, beta: float) -> dict[float, float]:
+    """``METRIC`` of ``score + weight * floor`` on ``batches`` for every weight, the histories encoded once: the
+    ranking queries and candidates of weight 1 (``UniSRec.rank_queries``) with the floor's coordinates rescaled."""
+    net = module.net.eval()
+    net.set_floor(1.0, decay, beta)
+    table = net.item_table(module.eval_chunk_size)
+    candidates = net.rank_candidates(table[1:])
+    own = net.query_vectors(table[:1]).shape[-1]  # the model's own coordinates come first
+    metrics = {w: RankingMetrics([int(METRIC.split("@")[1])]) for w in weights}
+    for batch in batches:
+        batch = type(batch)(*(field.to(module.device) for field in batch))
+        query = net.rank_queries(net.encode_sequences(batch.item_seq, batch.seq_len, table), batch.item_seq, batch.seq_len)
+        for weight, metric in metrics.items():
+            weighted = torch.cat([query[:, :own], weight * query[:, own:]], dim=1)
+            metric.update_ranks(chunked_target_ranks(weighted, candidates, batch.target - 1, module.eval_chunk_size),
+                                batch.target)
+    return {w: m.compute()[METRIC] for w, m in metrics.items()}
+
+
+def choose_floor_blend_on(module, datamodule) -> dict:
+    """Zero-shot: choose the floor on another dataset's validation rows (the pretraining sources': a zero-shot
+    user has no target labels) and without counts (a model never fit on its target has none). The model reads
+    that data's text vectors for the choice; the test installs the target's after."""
+    net = module.net
+    if net.use_item_id or net.use_codes or net.knowledge is not None:
+        raise ValueError("choosing the floor on other data needs a model whose items are their text alone "
+                         "(IDs, codes and knowledge vectors are per domain)")
+    net.item_features = datamodule.item_features.to(module.device, torch.float32)  # not set_item_features: the
+    # counts table is the target's size, and every count is 0 here (zero-shot), as an id past it reads
+    choice = choose_floor_blend(module, list(datamodule.val_dataloader()), None)
+    return {**choice, "chosen_on": f"validation rows of {datamodule.hparams.dataset}"}
 
 
 def blended_checkpoint(trainer: pl.Trainer, module, datamodule, tested: str | None) -> str:
