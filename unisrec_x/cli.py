@@ -132,6 +132,8 @@ class UniSRecCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        if self.config.fit.get("floor_blend_on") is not None:
+            raise DataError("--floor_blend_on is for test (zero-shot); a fit chooses the floor on its own validation rows")
         patience = self.config.fit.get("patience")
         if patience is not None:
             for callback in self.trainer.callbacks:
@@ -142,8 +144,10 @@ class UniSRecCLI(LightningCLI):
 
     def before_test(self) -> None:
         sources = self.config.test.get("floor_blend_on")
-        if not sources:
+        if sources is None:
             return
+        if not sources:
+            raise DataError("--floor_blend_on names the datasets whose validation rows choose the floor: got none")
         if not getattr(getattr(self.model, "net", None), "floor_blend", False):
             raise DataError("--floor_blend_on chooses the floor a model carries: set "
                             "--model.init_args.net.init_args.floor_blend true")

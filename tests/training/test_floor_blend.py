@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from unisrec_x.evaluation.metrics import RankingMetrics
 from unisrec_x.model.unisrec import UniSRec
 from unisrec_x.serving.recommender import Recommender
 from unisrec_x.training.checkpoint import load_pretrained
-from unisrec_x.training.floor_blend import choose_floor_blend
+from unisrec_x.training.floor_blend import blended_checkpoint, choose_floor_blend
 from unisrec_x.training.module import SeqRecModule
 
 N, PLM = 30, 8
@@ -78,14 +79,15 @@ def test_the_choice_is_made_on_the_batches_it_is_given_and_weight_0_stays_a_cand
     similarity[torch.arange(3), last - 1] = -2
     target = similarity.argmax(dim=1) + 1
     batches = [SeqBatch(ITEM_SEQ, SEQ_LEN, target, torch.zeros(3, dtype=torch.long))]
-    choice = choose_floor_blend(module, batches, torch.tensor([1, 2, 3]))
+    choice = choose_floor_blend(module, batches)
     scores = choice["validation_ndcg@10"]
     assert choice["weight"] > 0 and module.net.floor_active
     assert scores["blend"] == max(scores["weights"].values()) > scores["model"]
     assert list(module.net.floor_knobs) == pytest.approx([choice["weight"], choice["decay"], choice["beta"]])
     assert module.evaluate(batches)["ndcg@10"] == pytest.approx(scores["blend"], abs=1e-6)  # what is tested
-    # the floor's own knobs are the floor grid's on the same rows
-    floor_alone = floor(features, torch.tensor([1, 2, 3]), batches, FloorKnobs(choice["decay"], choice["beta"]))
+    # the floor's own knobs are the floor grid's on the same rows, with the model's own counts (the ones it adds)
+    targets = torch.repeat_interleave(torch.arange(N + 1), COUNTS)
+    floor_alone = floor(features, targets, batches, FloorKnobs(choice["decay"], choice["beta"]))
     assert scores["floor"] == pytest.approx(floor_alone["ndcg@10"], abs=1e-6)
     # a model that ranks the targets first already: the floor can only tie, so weight 0 (ties: the smaller)
     with torch.no_grad():
@@ -94,7 +96,7 @@ def test_the_choice_is_made_on_the_batches_it_is_given_and_weight_0_stays_a_cand
         query = module.net.query_vectors(module.net.encode_sequences(ITEM_SEQ, SEQ_LEN, table))
     perfect = [SeqBatch(ITEM_SEQ, SEQ_LEN, (query @ module.net.candidate_vectors(table[1:]).T).argmax(1) + 1,
                         torch.zeros(3, dtype=torch.long))]
-    assert choose_floor_blend(module, perfect, torch.tensor([1, 2, 3]))["weight"] == 0.0
+    assert choose_floor_blend(module, perfect)["weight"] == 0.0
     assert not module.net.floor_active
 
 
@@ -112,9 +114,11 @@ def test_the_floor_is_never_transferred_from_a_pretrained_checkpoint(tmp_path):
     source.set_floor(8.0, 0.25, 0.02)
     path = tmp_path / "pre.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in source.state_dict().items()}}, path)
-    fine = UniSRec(**DIMS, floor_blend=True)
-    assert "floor_knobs" in load_pretrained(fine, path)
-    assert fine.floor_knobs.tolist() == [0.0, 0.0, 0.0] and not fine.floor_active
+    for same_domain in (False, True):  # not even from the same data: a fit starts alone and chooses after
+        fine = UniSRec(**DIMS, floor_blend=True)
+        assert "floor_knobs" in load_pretrained(fine, path, same_domain=same_domain)
+        assert fine.floor_knobs.tolist() == [0.0, 0.0, 0.0] and not fine.floor_active
+        assert fine.popularity_counts.tolist() == (COUNTS.tolist() if same_domain else [0] * (N + 1))
 
 
 def test_a_fit_tests_the_blended_checkpoint_and_records_the_choice(real_root, tiny_encoder, tmp_path):
@@ -135,5 +139,18 @@ def test_a_fit_tests_the_blended_checkpoint_and_records_the_choice(real_root, ti
     scores = choice["validation_ndcg@10"]
     assert scores["blend"] == max(scores["weights"].values()) >= scores["model"]
     assert set(scores["weights"]) >= {"0.0", "1.0", "128.0"}
+    # the weights blended are the best epoch's: alone they score what the fit was selected on
+    assert scores["model"] == pytest.approx(record["best_validation"]["val/ndcg@10"], abs=1e-5)
     served = Recommender.from_checkpoint(blended, str(real_root))  # serves what was tested
     assert served.net.floor_knobs.tolist() == pytest.approx(knobs.tolist())
+
+
+
+def test_without_checkpoints_the_blend_stays_in_memory():
+    """A trainer without a checkpoint callback: the choice is set on the module, which is tested as it is."""
+    module = _module()
+    batches = [SeqBatch(ITEM_SEQ, SEQ_LEN, torch.tensor([14, 17, 19]), torch.zeros(3, dtype=torch.long))]
+    trainer = SimpleNamespace(checkpoint_callback=None, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    data = SimpleNamespace(val_dataloader=lambda: batches)
+    assert blended_checkpoint(trainer, module, data, tested=None) is None
+    assert module.floor_blend_choice["weight"] == pytest.approx(float(module.net.floor_knobs[0]))

@@ -67,8 +67,8 @@ def test_zero_shot_carries_the_floor_chosen_on_the_sources_validation(pretrained
     args = ["test", "-c", str(REPO / "configs" / "transfer" / "zero_shot.yaml"), *QUIET, "--data.max_users", "150",
             "--data.text_encoder", tiny_encoder, "--data.data_root", str(real_root), "--model.init_args.pretrained",
             str(pretrained), "--floor_blend_on", "[games,toys]", "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    main([*args, "--model.init_args.net.init_args.floor_blend", "true"])
-    record = json.loads(next(tmp_path.rglob("test_metrics.json")).read_text())
+    main([*args, "--model.init_args.net.init_args.floor_blend", "true", "--trainer.logger.init_args.name", "blend"])
+    record = json.loads(next((tmp_path / "blend").rglob("test_metrics.json")).read_text())
     choice = record["floor_blend"]
     assert choice["beta"] == 0 and choice["chosen_on"] == "validation rows of ['games', 'toys']"
     scores = choice["validation_ndcg@10"]
@@ -76,9 +76,16 @@ def test_zero_shot_carries_the_floor_chosen_on_the_sources_validation(pretrained
     sources = SeqRecDataModule(["games", "toys"], data_root=str(real_root), max_users=150, text_encoder=tiny_encoder)
     knobs, grid = floor_grid(sources.item_features, None, list(sources.val_dataloader()))
     assert choice["decay"] == knobs.decay and scores["floor"] == pytest.approx(grid[tuple(knobs)], abs=1e-6)
-    with pytest.raises(SystemExit) as refused:
-        main(args)
-    assert refused.value.code == 2
+    # the test ranked with the choice: the same model tested alone scores the same only if the choice was "alone"
+    plain = [a for a in args if a not in ("--floor_blend_on", "[games,toys]")]
+    main([*plain, "--trainer.logger.init_args.name", "alone"])
+    alone = json.loads(next((tmp_path / "alone").rglob("test_metrics.json")).read_text())["metrics"]
+    assert (record["metrics"] == alone) == (choice["weight"] == 0)
+    for refused_args in (args, [*args, "--model.init_args.net.init_args.floor_blend", "true", "--ckpt_path",
+                                str(pretrained)]):
+        with pytest.raises(SystemExit) as refused:
+            main(refused_args)
+        assert refused.value.code == 2
 
 
 def test_ddp_two_processes_see_different_batches_and_end_identical(real_root, tiny_encoder, tmp_path):

@@ -62,7 +62,7 @@ class QueryEncoder(nn.Module):
         if self.with_prior:
             query = torch.cat([query, self.prior_weight.to(query.dtype).expand(query.shape[0], 1)], dim=1)
         if self.with_floor:  # model/floor.py's query, written out: the export imports nothing of unisrec_x
-            age = (seq_len.unsqueeze(1) - 1 - torch.arange(item_seq.shape[1])).to(query.dtype)
+            age = (seq_len.unsqueeze(1) - 1 - torch.arange(item_seq.shape[1], device=item_seq.device)).to(query.dtype)
             weight = torch.where(age >= 0, torch.pow(self.floor_knobs[1].to(query.dtype), age.clamp(min=0.0)),
                                  torch.zeros_like(age))
             history = F.normalize((weight.unsqueeze(-1) * self.floor_text[item_seq]).sum(dim=1), dim=-1)

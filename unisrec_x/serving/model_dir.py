@@ -112,7 +112,7 @@ def _load_opened(directory: Path, files: dict[str, BinaryIO]) -> ModelParts:
     load_weights(net, read_state_dict(directory / "weights.pt", weights), directory / "weights.pt")
     tokens, texts, aliases, knowledge_texts = _read_items(directory / "items.item", files.get("items.item"),
                                                           net.knowledge_fields)
-    if manifest["items"] != len(tokens) or ((net.use_item_id or net.popularity_prior) and net.num_items != len(tokens)):
+    if manifest["items"] != len(tokens) or ((net.use_item_id or net.counts_items) and net.num_items != len(tokens)):
         raise DataError(f"model.json counts {manifest['items']} items (net.num_items {net.num_items}) but items.item has "
                         f"{len(tokens)} (expected the same count)", manifest_path)
     features = (_read_features(directory / "item_features.npy", files.get("item_features.npy"), tokens, (net.plm_dim,))

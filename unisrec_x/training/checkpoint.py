@@ -27,6 +27,9 @@ from unisrec_x.model.unisrec import UniSRec
 #: IDs, codes and item counts mean nothing in another domain (the prior's weight is fitted to those counts, the
 #: floor's knobs chosen on that domain's validation)
 NON_TRANSFERABLE = ("item_embedding.", "code_embedding.", "popularity_counts", "popularity_weight", "floor_knobs")
+#: never loaded, not even from the same domain: a fit starts alone and chooses its own floor after it (a blend carried
+#: into training would rank validation with it and stack a second blend on top)
+ALWAYS_FRESH = ("floor_knobs",)
 #: may be missing from a pretrained checkpoint (one pretrained without it): kept at the model's own start
 #: (a knowledge adapter is trained end to end on the target's own fields, as in KAR)
 FRESH_IF_ABSENT = ("encoder.learned_history_decay", "text_top.", "knowledge.")
@@ -87,11 +90,10 @@ def load_pretrained(net: UniSRec, path: str | Path, same_domain: bool = False) -
     count is refused.
     """
     state = read_state_dict(path)
-    if not same_domain:
-        state = {k: v for k, v in state.items() if not k.startswith(NON_TRANSFERABLE)}
+    dropped = NON_TRANSFERABLE if not same_domain else ALWAYS_FRESH
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     own = net.state_dict()
-    fresh = [k for k in own if (k.startswith(NON_TRANSFERABLE) and not same_domain)
-             or (k.startswith(FRESH_IF_ABSENT) and k not in state)]
+    fresh = [k for k in own if k.startswith(dropped) or (k.startswith(FRESH_IF_ABSENT) and k not in state)]
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - set(fresh))
     if unexpected or missing:

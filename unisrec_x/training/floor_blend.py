@@ -18,6 +18,7 @@ from typing import Sequence
 import lightning.pytorch as pl
 import torch
 
+from unisrec_x.errors import DataError
 from unisrec_x.evaluation.baselines import floor_grid
 from unisrec_x.evaluation.metrics import RankingMetrics
 from unisrec_x.evaluation.ranking import chunked_target_ranks
@@ -30,13 +31,16 @@ FLOOR_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 METRIC = "ndcg@10"
 
 
-def choose_floor_blend(module, batches: Sequence, train_targets, weights: Sequence[float] = FLOOR_WEIGHTS) -> dict:
+def choose_floor_blend(module, batches: Sequence, with_counts: bool = True,
+                       weights: Sequence[float] = FLOOR_WEIGHTS) -> dict:
     """Set ``module.net``'s floor to the knobs and weight with the best validation ``METRIC`` on ``batches``
     (ties: the smaller weight), and return what was chosen and every candidate's score, for the record.
-    ``train_targets`` None (zero-shot: no counts) searches the decay alone."""
+    The floor's prior counts are the model's own (``popularity_counts``, the fit's training targets), the very
+    ones it adds; ``with_counts=False`` (zero-shot: none) searches the decay alone."""
     net = module.net
-    knobs, floor_scores = floor_grid(net.item_features.cpu(), None if train_targets is None else train_targets.cpu(),
-                                     batches, metric=METRIC)
+    counts = net.popularity_counts.cpu()
+    targets = torch.repeat_interleave(torch.arange(len(counts)), counts) if with_counts else None  # counts as targets
+    knobs, floor_scores = floor_grid(net.item_features.cpu(), targets, batches, metric=METRIC)
     scores = blend_scores(module, batches, weights, knobs.decay, knobs.beta)
     best = max(scores, key=lambda w: (scores[w], -w))
     net.set_floor(best, knobs.decay, knobs.beta)
@@ -73,22 +77,29 @@ def choose_floor_blend_on(module, datamodule) -> dict:
     user has no target labels) and without counts (a model never fit on its target has none). The model reads
     that data's text vectors for the choice; the test installs the target's after."""
     net = module.net
-    if net.use_item_id or net.use_codes or net.knowledge is not None:
-        raise ValueError("choosing the floor on other data needs a model whose items are their text alone "
-                         "(IDs, codes and knowledge vectors are per domain)")
+    if net.use_item_id or net.use_codes or net.knowledge is not None or net.text_top is not None:
+        raise DataError("choosing the floor on other data needs a model whose items are their frozen text vectors "
+                        "alone (IDs, codes and knowledge vectors are per domain; a text top's are set up by the test)")
     net.item_features = datamodule.item_features.to(module.device, torch.float32)  # not set_item_features: the
     # counts table is the target's size, and every count is 0 here (zero-shot), as an id past it reads
-    choice = choose_floor_blend(module, list(datamodule.val_dataloader()), None)
+    choice = choose_floor_blend(module, list(datamodule.val_dataloader()), with_counts=False)
     return {**choice, "chosen_on": f"validation rows of {datamodule.hparams.dataset}"}
 
 
-def blended_checkpoint(trainer: pl.Trainer, module, datamodule, tested: str | None) -> str:
+def blended_checkpoint(trainer: pl.Trainer, module, datamodule, tested: str | None) -> str | None:
     """Load ``tested`` (the checkpoint the fit would test), choose the floor blend on validation and save the
-    result as ``blended.ckpt``; its path. The choice is kept on ``module.floor_blend_choice`` for the record."""
+    result as ``blended.ckpt``; its path, or ``None`` when the fit keeps no checkpoints (the module, blended in
+    memory, is tested as it is). The choice is kept on ``module.floor_blend_choice`` for the record.
+
+    Every rank makes the same choice on all validation rows (no split across ranks); rank 0 writes the file.
+    """
     if tested:  # the weights to blend: validate() loads them into the module (and reports their score)
         trainer.validate(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
-    module.floor_blend_choice = choose_floor_blend(module, list(datamodule.val_dataloader()),
-                                                   datamodule.examples("train").targets)
-    path = Path(trainer.checkpoint_callback.dirpath) / FILENAME
+    module.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
+    module.floor_blend_choice = choose_floor_blend(module, list(datamodule.val_dataloader()))
+    checkpoints = trainer.checkpoint_callback
+    if checkpoints is None or not checkpoints.dirpath:
+        return None
+    path = Path(checkpoints.dirpath) / FILENAME
     trainer.save_checkpoint(path, weights_only=True)
     return str(path)
