@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unisrec_x.experiments import transfer
+from unisrec_x.experiments import arms, transfer
 from unisrec_x.experiments.transfer import ARMS, REGIMES, arm_command, run_one, user_sample
 from unisrec_x.experiments.transfer_report import rows_of
 
@@ -148,8 +148,8 @@ def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_it
     done = run_one(*args)
     first, second = calls
     assert first[first.index("-c") + 1] == "configs/ctrl/align.yaml" and dirs[0].name == "seed1-first-stage"
-    assert first[first.index("--trainer.max_epochs") + 1] == str(transfer.ALIGN_PASSES * 20)
-    assert int(first[first.index("--patience") + 1]) >= transfer.ALIGN_PASSES  # 20 validations never stop it
+    assert first[first.index("--trainer.max_epochs") + 1] == str(arms.ALIGN_PASSES * 20)
+    assert int(first[first.index("--patience") + 1]) >= arms.ALIGN_PASSES  # 20 validations never stop it
     assert second[second.index("--model.init_args.pretrained") + 1] == str(dirs[0] / "checkpoints" / "last.ckpt")
     assert dirs[1] == tmp_path / "runs" / "office" / "5pct" / "sasrec_aligned" / "seed1"
     assert done["command"] == " && ".join(map(shlex.join, calls))
