@@ -49,3 +49,26 @@ def test_bad_user_lists_name_the_file_and_line(full, real_root, tmp_path, text, 
 def test_missing_user_list_is_named(real_root, tmp_path):
     with pytest.raises(DataError, match="train_users file not found"):
         SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(tmp_path / "none.txt"))
+
+
+def test_blend_rows_are_a_fixed_part_of_the_sampled_validation_rows_kept_from_early_stopping(full, real_root, tmp_path):
+    users = full.data.domains[0].users
+    path = write(tmp_path / "users.txt", "\n".join(users[::20]) + "\n")
+
+    def split(seed: int) -> tuple[list[int], list[int], list[int]]:
+        data = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path), seed=seed,
+                                blend_rows=0.5)
+        return ([int(t) for b in data.val_dataloader() for t in b.target], [int(t) for b in data.blend_dataloader()
+                                                                           for t in b.target],
+                data.examples("valid").targets.tolist() + data.examples("blend").targets.tolist())
+
+    early, blend, both = split(0)
+    whole = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path))
+    # together they are the sampled users' validation rows, each row in exactly one part, about half each
+    assert sorted(both) == sorted(whole.examples("valid").targets.tolist())
+    assert abs(len(early) - len(blend)) <= 1 and sorted(early + blend) == sorted(both)
+    assert split(7)[:2] == (early, blend)  # the same draw for every training seed
+    assert [int(t) for b in whole.blend_dataloader() for t in b.target] == \
+        [int(t) for b in whole.val_dataloader() for t in b.target]  # without blend_rows: one set for both
+    with pytest.raises(ValueError, match="blend_rows"):
+        SeqRecDataModule("scientific/Scientific", data_root=str(real_root), blend_rows=1.0)

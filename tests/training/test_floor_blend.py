@@ -151,6 +151,6 @@ def test_without_checkpoints_the_blend_stays_in_memory():
     module = _module()
     batches = [SeqBatch(ITEM_SEQ, SEQ_LEN, torch.tensor([14, 17, 19]), torch.zeros(3, dtype=torch.long))]
     trainer = SimpleNamespace(checkpoint_callback=None, strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    data = SimpleNamespace(val_dataloader=lambda: batches)
+    data = SimpleNamespace(blend_dataloader=lambda: batches)
     assert blended_checkpoint(trainer, module, data, tested=None) is None
     assert module.floor_blend_choice["weight"] == pytest.approx(float(module.net.floor_knobs[0]))

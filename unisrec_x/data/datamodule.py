@@ -69,7 +69,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
                  training_examples: TrainingExamples = "positions", window_stride: int | None = None,
                  bucket_pool_batches: int = 4, train_users: str | None = None, code_method: CodeMethod = "opq",
-                 valid_users: ValidUsers = "train_users") -> None:
+                 valid_users: ValidUsers = "train_users", blend_rows: float = 0.0) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -113,6 +113,10 @@ class SeqRecDataModule(pl.LightningDataModule):
             valid_users: with ``train_users``, whose validation rows early stopping and every choice
                 made on validation see: ``train_users`` (default) only theirs, since a user with 5% of the
                 data has 5% of the validation labels; ``all`` every user's (the protocol before issue 28).
+            blend_rows: the share of the validation rows (a fixed draw of users, the same for every seed) kept
+                apart for choosing a model's floor blend (``training/floor_blend.py``, ``blend_dataloader``):
+                early stopping sees the rest. Choosing the blend on the rows the epoch was chosen on favours the
+                model, whose score there is the best of many validations. 0: one set for both.
             code_method: for models with item codes (``use_codes``): ``opq`` (VQ-Rec), ``pq`` or ``rq``
                 (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.items.codes``).
         """
@@ -141,6 +145,9 @@ class SeqRecDataModule(pl.LightningDataModule):
         if valid_users not in ("train_users", "all"):
             raise ValueError(f"valid_users must be 'train_users' or 'all', got {valid_users!r}")
         self.valid_users = valid_users
+        if not 0.0 <= blend_rows < 1.0:
+            raise ValueError(f"blend_rows must lie in [0, 1), got {blend_rows}")
+        self.blend_rows = blend_rows
         self.train_sequence_mask = None if train_users is None else training_mask(self.data, Path(train_users).expanduser())
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
@@ -239,20 +246,27 @@ class SeqRecDataModule(pl.LightningDataModule):
         parts = [cache.get(transform(d.item_texts), name=d.name.lower()) for d in self.data.domains]
         return torch.from_numpy(np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts]))
 
-    def examples(self, split: Split) -> SequenceExamples | PositionExamples:
+    def examples(self, split: Split | Literal["blend"]) -> SequenceExamples | PositionExamples:
         """A split's examples: training windows under ``training_examples="positions"``, else prefixes."""
         if split in self._splits:
             return self._splits[split]
         sequences, domains = self.data.sequences, self.data.sequence_domain
-        if self.train_sequence_mask is not None and (split == "train" or (split == "valid" and self.valid_users == "train_users")):
+        validation = split in ("valid", "blend")
+        if self.train_sequence_mask is not None and (split == "train" or (validation and self.valid_users == "train_users")):
             sequences = [s for s, keep in zip(sequences, self.train_sequence_mask) if keep]
             domains = domains[self.train_sequence_mask]
+        if validation and self.blend_rows > 0:  # a fixed draw, whatever the seed: every arm and seed splits alike
+            held = np.zeros(len(sequences), dtype=bool)
+            held[np.random.default_rng(0).permutation(len(sequences))[:round(self.blend_rows * len(sequences))]] = True
+            keep = held if split == "blend" else ~held
+            sequences = [s for s, k in zip(sequences, keep) if k]
+            domains = domains[keep]
         if split == "train" and self.training_examples == "positions":
             data = PositionExamples(sequences, self.max_seq_len, self.window_stride, domains)
             log.info("train: %d windows hold %d targets; %d of these see a shorter history than as prefix examples "
                      "(window_stride=%d)", len(data), len(data.targets), data.shortened, data.stride)
         else:
-            data = SequenceExamples(sequences, split, self.max_seq_len, domains)
+            data = SequenceExamples(sequences, "valid" if split == "blend" else split, self.max_seq_len, domains)
             if data.truncated:
                 log.info("%s: %d of %d histories are longer than max_seq_len=%d and keep their last %d items",
                          split, data.truncated, len(data), self.max_seq_len, self.max_seq_len)
@@ -275,7 +289,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current if self.trainer else None
         return ResumableLoader(data, sampler, lambda: progress.processed if progress else 0, self._generator())
 
-    def _eval_loader(self, split: Split) -> DataLoader:
+    def _eval_loader(self, split: Split | Literal["blend"]) -> DataLoader:
         data = self.examples(split)
         sampler = LengthBucketBatchSampler(data.hist_len, self.eval_batch_size, shuffle=False)
         # The sampler yields index lists and the dataset collates a whole batch in one gather.
@@ -283,6 +297,11 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")
+
+    def blend_dataloader(self) -> DataLoader:
+        """The validation rows a floor blend is chosen on: those kept apart by ``blend_rows``, else the validation
+        rows themselves."""
+        return self._eval_loader("blend" if self.blend_rows > 0 else "valid")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")

@@ -112,6 +112,11 @@ ARMS = [
     # issue 28 #4: the trained model plus the floor, its weight (0 included) chosen on validation after the fit
     Arm("scratch_text_codes_floorblend", "Scratch, text + codes, carrying the floor (weight chosen on validation)",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND]),
+    # the same with the weight chosen on half of the validation rows, kept apart from early stopping (whose best
+    # epoch's score on its own rows is optimistic, so the blend chosen there leans to the model)
+    Arm("scratch_text_codes_floorblend_apart", "Scratch, text + codes, carrying the floor chosen on validation rows "
+        "kept apart", ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND,
+                       "--data.blend_rows", "0.5"]),
     Arm("pretrained_text_codes_floorblend", "Pretrained, text + codes, carrying the floor (weight chosen on validation)",
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",

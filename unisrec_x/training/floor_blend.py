@@ -96,7 +96,10 @@ def blended_checkpoint(trainer: pl.Trainer, module, datamodule, tested: str | No
     if tested:  # the weights to blend: validate() loads them into the module (and reports their score)
         trainer.validate(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
     module.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
-    module.floor_blend_choice = choose_floor_blend(module, list(datamodule.val_dataloader()))
+    apart = getattr(datamodule, "blend_rows", 0) > 0
+    module.floor_blend_choice = {**choose_floor_blend(module, list(datamodule.blend_dataloader())),
+                                 "chosen_on": ("validation rows kept apart from early stopping" if apart
+                                               else "the validation rows early stopping used")}
     checkpoints = trainer.checkpoint_callback
     if checkpoints is None or not checkpoints.dirpath:
         return None
