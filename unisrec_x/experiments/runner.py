@@ -20,11 +20,7 @@ import time
 from pathlib import Path
 
 import unisrec_x
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, run folders are not guarded against a second runner
-    fcntl = None
+from unisrec_x.runtime.locks import try_lock
 
 log = logging.getLogger(__name__)
 REPORTED = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -122,17 +118,14 @@ def exclusive(run_dir: Path):
     beside the folder; yields the lock's file descriptor (``None`` where nothing could be locked), which
     ``run_process`` hands to its child, so a killed runner's still-running child keeps the folder held."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield None
-        return
     with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        held = try_lock(handle)
+        if held is False:
             raise RunFolderBusy(f"{run_dir} is in use by another unisrec-x experiment; wait for it or give --runs "
-                                "another folder") from None
-        except OSError as err:  # a file system without locks (some NFS, FUSE, CIFS mounts)
-            log.warning("cannot lock %s (%s); running without the guard against a second runner", run_dir, err)
+                                "another folder")
+        if held is None:
+            log.warning("cannot lock %s (no file locks here); running without the guard against a second runner",
+                        run_dir)
             yield None
             return
         yield handle.fileno()

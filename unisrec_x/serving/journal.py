@@ -47,11 +47,7 @@ import numpy as np
 import torch
 
 from unisrec_x.errors import DataError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; writers of one model are then not kept apart
-    fcntl = None
+from unisrec_x.runtime.locks import try_lock, wait_lock
 
 if TYPE_CHECKING:
     from unisrec_x.serving.recommender import Recommender
@@ -376,35 +372,28 @@ def model_locks(*models: str | Path) -> Iterator[None]:
 
 
 def _acquire(path: Path, model: Path, timeout: float | None):
-    if fcntl is None:
-        return None
     try:
         handle = open(path, "a+")
     except OSError as err:  # a read-only folder: no journal can be written beside the model either
         log.info("cannot create the lock file %s (%s); %s is not guarded against concurrent writers",
                  path, err.strerror, model)
         return None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held = try_lock(handle)
+    if held:
         return handle
-    except BlockingIOError:
-        pass
-    except OSError as err:  # a file system without locks (some NFS, FUSE, CIFS mounts)
+    if held is None:  # no flock here (Windows, some NFS, FUSE, CIFS mounts)
         handle.close()
-        log.warning("cannot lock %s (%s); %s is not guarded against concurrent writers", path, err.strerror, model)
+        log.warning("cannot lock %s; %s is not guarded against concurrent writers", path, model)
         return None
     if timeout is None:
         log.warning("%s is being written by another unisrec-x process (serve or add-items); waiting for it", model)
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        wait_lock(handle)
         return handle
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if try_lock(handle):
             return handle
-        except BlockingIOError:
-            continue
     handle.close()
     raise JournalUnavailable(f"{model} is being rewritten by another unisrec-x process (add-items?) for over "
                              f"{timeout:g} s; nothing was added, try again", 503)
