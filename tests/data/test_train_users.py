@@ -72,3 +72,21 @@ def test_blend_rows_are_a_fixed_part_of_the_sampled_validation_rows_kept_from_ea
         [int(t) for b in whole.val_dataloader() for t in b.target]  # without blend_rows: one set for both
     with pytest.raises(ValueError, match="blend_rows"):
         SeqRecDataModule("scientific/Scientific", data_root=str(real_root), blend_rows=1.0)
+
+
+def test_blend_users_can_be_held_out_of_training_too(full, real_root, tmp_path):
+    users = full.data.domains[0].users
+    path = write(tmp_path / "users.txt", "\n".join(users[::20]) + "\n")
+    apart = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path), blend_rows=0.5)
+    unseen = SeqRecDataModule("scientific/Scientific", data_root=str(real_root), train_users=str(path), blend_rows=0.5,
+                              blend_rows_train=False)
+    # the same rows are kept apart; held out of training, their users give no training target any more
+    assert unseen.examples("blend").targets.tolist() == apart.examples("blend").targets.tolist()
+    assert unseen.examples("valid").targets.tolist() == apart.examples("valid").targets.tolist()
+    held = unseen._held_for_blend(unseen.train_sequence_mask)
+    trained = [s for s, k in zip(full.data.sequences, unseen.train_sequence_mask & ~held) if k]
+    expected = torch.cat([torch.as_tensor(s[1:len(s) - 2]) for s in trained if len(s) > 3])
+    assert sorted(unseen.examples("train").targets.tolist()) == sorted(expected.tolist())
+    assert len(unseen.examples("train").targets) < 0.7 * len(apart.examples("train").targets)
+    with pytest.raises(ValueError, match="set blend_rows"):
+        SeqRecDataModule("scientific/Scientific", data_root=str(real_root), blend_rows_train=False)

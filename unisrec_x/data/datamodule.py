@@ -69,7 +69,7 @@ class SeqRecDataModule(pl.LightningDataModule):
                  text_precision: Precision = "float32", seed: int = 0, word_drop_prob: float = 0.15, exclude_items: list[str] | None = None,
                  training_examples: TrainingExamples = "positions", window_stride: int | None = None,
                  bucket_pool_batches: int = 4, train_users: str | None = None, code_method: CodeMethod = "opq",
-                 valid_users: ValidUsers = "train_users", blend_rows: float = 0.0) -> None:
+                 valid_users: ValidUsers = "train_users", blend_rows: float = 0.0, blend_rows_train: bool = True) -> None:
         """
         Args:
             dataset: path prefix of the files, relative to the data root (``scientific/Scientific``
@@ -117,6 +117,9 @@ class SeqRecDataModule(pl.LightningDataModule):
                 apart for choosing a model's floor blend (``training/floor_blend.py``, ``blend_dataloader``):
                 early stopping sees the rest. Choosing the blend on the rows the epoch was chosen on favours the
                 model, whose score there is the best of many validations. 0: one set for both.
+            blend_rows_train: whether the users whose rows ``blend_rows`` keeps apart also train. ``False`` holds
+                them out of training too, so the blend is chosen on users the model never saw, as it never saw
+                most test users (few-shot); they then train nobody, so the model learns from fewer users.
             code_method: for models with item codes (``use_codes``): ``opq`` (VQ-Rec), ``pq`` or ``rq``
                 (residual, TIGER), fitted on all of this data's text vectors (``unisrec_x.items.codes``).
         """
@@ -147,7 +150,9 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.valid_users = valid_users
         if not 0.0 <= blend_rows < 1.0:
             raise ValueError(f"blend_rows must lie in [0, 1), got {blend_rows}")
-        self.blend_rows = blend_rows
+        self.blend_rows, self.blend_rows_train = blend_rows, blend_rows_train
+        if not blend_rows_train and not blend_rows:
+            raise ValueError("blend_rows_train=False holds out the users blend_rows keeps apart: set blend_rows")
         self.train_sequence_mask = None if train_users is None else training_mask(self.data, Path(train_users).expanduser())
         self.cache = FeatureCache(text_encoder, pooling, max_text_tokens, encode_batch_size, precision=text_precision)
         self._splits: dict[str, SequenceExamples | PositionExamples] = {}
@@ -250,17 +255,14 @@ class SeqRecDataModule(pl.LightningDataModule):
         """A split's examples: training windows under ``training_examples="positions"``, else prefixes."""
         if split in self._splits:
             return self._splits[split]
-        sequences, domains = self.data.sequences, self.data.sequence_domain
-        validation = split in ("valid", "blend")
-        if self.train_sequence_mask is not None and (split == "train" or (validation and self.valid_users == "train_users")):
-            sequences = [s for s, keep in zip(sequences, self.train_sequence_mask) if keep]
-            domains = domains[self.train_sequence_mask]
-        if validation and self.blend_rows > 0:  # a fixed draw, whatever the seed: every arm and seed splits alike
-            held = np.zeros(len(sequences), dtype=bool)
-            held[np.random.default_rng(0).permutation(len(sequences))[:round(self.blend_rows * len(sequences))]] = True
-            keep = held if split == "blend" else ~held
-            sequences = [s for s, k in zip(sequences, keep) if k]
-            domains = domains[keep]
+        every = np.ones(len(self.data.sequences), dtype=bool)
+        trains = every if self.train_sequence_mask is None else self.train_sequence_mask
+        validates = trains if self.valid_users == "train_users" else every
+        held = self._held_for_blend(validates)
+        keep = {"train": trains & ~held if not self.blend_rows_train else trains, "valid": validates & ~held,
+                "blend": held, "test": every}[split]
+        sequences = [s for s, k in zip(self.data.sequences, keep) if k]
+        domains = self.data.sequence_domain[keep]
         if split == "train" and self.training_examples == "positions":
             data = PositionExamples(sequences, self.max_seq_len, self.window_stride, domains)
             log.info("train: %d windows hold %d targets; %d of these see a shorter history than as prefix examples "
@@ -272,6 +274,15 @@ class SeqRecDataModule(pl.LightningDataModule):
                          split, data.truncated, len(data), self.max_seq_len, self.max_seq_len)
         self._splits[split] = data
         return data
+
+    def _held_for_blend(self, validates: np.ndarray) -> np.ndarray:
+        """(sequences,) bool: the validation rows ``blend_rows`` keeps apart, a fixed draw (whatever the seed: every
+        arm and seed splits alike) among the sequences that validate."""
+        held = np.zeros(len(validates), dtype=bool)
+        if self.blend_rows > 0:
+            eligible = np.flatnonzero(validates)
+            held[eligible[np.random.default_rng(0).permutation(len(eligible))[:round(self.blend_rows * len(eligible))]]] = True
+        return held
 
     def _generator(self) -> torch.Generator:
         # Each loader has its own generator: otherwise every new iterator draws a seed from the

@@ -117,6 +117,11 @@ ARMS = [
     Arm("scratch_text_codes_floorblend_apart", "Scratch, text + codes, carrying the floor chosen on validation rows "
         "kept apart", ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND,
                        "--data.blend_rows", "0.5"]),
+    # ... and on users held out of training as well: few-shot validation rows are the training users', whose
+    # histories the model fit, while most test users are unseen; the floor knows no user either way
+    Arm("scratch_text_codes_floorblend_unseen", "Scratch, text + codes, carrying the floor chosen on users held out "
+        "of training", ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND,
+                        "--data.blend_rows", "0.3", "--data.blend_rows_train", "false"], regimes=("5%", "20%")),
     Arm("pretrained_text_codes_floorblend", "Pretrained, text + codes, carrying the floor (weight chosen on validation)",
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",
