@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from unisrec_x.data.datamodule import SeqRecDataModule
+from unisrec_x.evaluation.baselines import training_counts
 from unisrec_x.evaluation.ranking import chunked_target_ranks
 from unisrec_x.model.floor import floor_candidates, floor_query
 
@@ -28,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     data = SeqRecDataModule(args.dataset, data_root=args.data_root, train_users=args.train_users)
     unit = F.normalize(data.item_features.float(), dim=-1)
-    counts = torch.bincount(data.examples("train").targets, minlength=len(unit)).float()
+    counts = training_counts(data.examples("train").targets, data.num_items)
     candidates = floor_candidates(unit[1:], counts[1:])
     per_row = []
     for batch in data.val_dataloader():

@@ -61,18 +61,18 @@ def test_long_tail_slice_is_the_metric_over_rarely_trained_targets_only():
 def test_floor_scores_equal_a_hand_computation_on_a_tiny_dataset():
     """Three items on the unit circle, one history (1, 2) -> target 3: every score by hand."""
     from unisrec_x.data.sequences import SeqBatch
-    from unisrec_x.evaluation.baselines import FloorKnobs, floor
+    from unisrec_x.evaluation.baselines import FloorKnobs, floor, training_counts
 
     features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])  # row 0 = padding; any lengths
     batch = SeqBatch(torch.tensor([[1, 2, 0]]), torch.tensor([2]), torch.tensor([3]), torch.tensor([0]))
-    train_targets = torch.tensor([1, 1, 1, 3])  # item 1 three times, item 3 once, item 2 never
+    counts = training_counts(torch.tensor([1, 1, 1, 3]), 3)  # item 1 three times, item 3 once, item 2 never
     # history vector: 1 * unit(item 2) + 0.5 * unit(item 1) = (0.5, 1) -> unit (0.4472, 0.8944)
     # cosines: item 1 0.4472, item 2 0.8944, item 3 (0.4472 + 0.8944) / sqrt(2) = 0.9487
     # + beta 0.3 * log(1 + count): item 1 + 0.3 * log 4 = 0.4159 -> 0.8631, item 2 + 0, item 3 + 0.3 * log 2 = 0.2079
     # -> 1.1566: ranking 3 (1.1566), 2 (0.8944), 1 (0.8631): the target is first
-    assert floor(features, train_targets, [batch], FloorKnobs(0.5, 0.3), ks=[1])["recall@1"] == 1.0
+    assert floor(features, counts, [batch], FloorKnobs(0.5, 0.3), ks=[1])["recall@1"] == 1.0
     # a prior of 2.0 lifts item 1 to 0.4472 + 2 log 4 = 3.22 above item 3's 0.9487 + 2 log 2 = 2.33: target second
-    out = floor(features, train_targets, [batch], FloorKnobs(0.5, 2.0), ks=[1, 2])
+    out = floor(features, counts, [batch], FloorKnobs(0.5, 2.0), ks=[1, 2])
     assert out["recall@1"] == 0.0 and out["recall@2"] == 1.0
     assert out["mrr@2"] == pytest.approx(0.5)
     # decay 0 is text-kNN of the last item (item 2): cosines 0, 1, 0.7071 -> target second without a prior
@@ -90,15 +90,15 @@ def test_floor_with_decay_zero_and_no_prior_is_text_knn():
 
 
 def test_floor_grid_picks_the_best_validation_setting():
-    from unisrec_x.evaluation.baselines import floor, floor_grid
+    from unisrec_x.evaluation.baselines import floor, floor_grid, training_counts
 
     data = _examples()
     features = torch.randn(41, 16)
     features[0] = 0
     batch = data[list(range(len(data)))]
-    targets = torch.randint(1, 41, (200,), generator=torch.Generator().manual_seed(2))
-    knobs, scores = floor_grid(features, targets, [batch], decays=(0.0, 0.5), betas=(0.0, 0.05, 0.5))
+    counts = training_counts(torch.randint(1, 41, (200,), generator=torch.Generator().manual_seed(2)), 40)
+    knobs, scores = floor_grid(features, counts, [batch], decays=(0.0, 0.5), betas=(0.0, 0.05, 0.5))
     assert len(scores) == 6 and scores[tuple(knobs)] == max(scores.values())
-    assert scores[tuple(knobs)] == floor(features, targets, [batch], knobs)["ndcg@10"]
+    assert scores[tuple(knobs)] == floor(features, counts, [batch], knobs)["ndcg@10"]
     zero_shot, only_decay = floor_grid(features, None, [batch], decays=(0.0, 0.5))
     assert zero_shot.beta == 0.0 and set(only_decay) == {(0.0, 0.0), (0.5, 0.0)}

@@ -86,8 +86,7 @@ def test_the_choice_is_made_on_the_batches_it_is_given_and_weight_0_stays_a_cand
     assert list(module.net.floor_knobs) == pytest.approx([choice["weight"], choice["decay"], choice["beta"]])
     assert module.evaluate(batches)["ndcg@10"] == pytest.approx(scores["blend"], abs=1e-6)  # what is tested
     # the floor's own knobs are the floor grid's on the same rows, with the model's own counts (the ones it adds)
-    targets = torch.repeat_interleave(torch.arange(N + 1), COUNTS)
-    floor_alone = floor(features, targets, batches, FloorKnobs(choice["decay"], choice["beta"]))
+    floor_alone = floor(features, COUNTS, batches, FloorKnobs(choice["decay"], choice["beta"]))
     assert scores["floor"] == pytest.approx(floor_alone["ndcg@10"], abs=1e-6)
     # a model that ranks the targets first already: the floor can only tie, so weight 0 (ties: the smaller)
     with torch.no_grad():

@@ -36,7 +36,7 @@ def text_knn(item_features: torch.Tensor, batches: Iterable[SeqBatch], ks: Seque
 def popularity(train_targets: torch.Tensor, num_items: int, batches: Iterable[SeqBatch],
                ks: Sequence[int] = (10, 50), long_tail: LongTail | None = None) -> dict[str, float]:
     """Metrics of ranking every item by its count among the training targets (the same list for everyone)."""
-    counts = torch.bincount(train_targets, minlength=num_items + 1)[1:].float()  # (N,)
+    counts = training_counts(train_targets, num_items)[1:].float()  # (N,)
     metrics = RankingMetrics(ks)
     for batch in batches:
         query = torch.ones(len(batch.target), 1)
@@ -56,18 +56,16 @@ FLOOR_DECAYS = (0.0, 0.25, 0.5, 0.75)
 FLOOR_BETAS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12)
 
 
-def floor(item_features: torch.Tensor, train_targets: torch.Tensor | None, batches: Iterable[SeqBatch], knobs: FloorKnobs,
+def floor(item_features: torch.Tensor, counts: torch.Tensor | None, batches: Iterable[SeqBatch], knobs: FloorKnobs,
           ks: Sequence[int] = (10, 50), long_tail: LongTail | None = None) -> dict[str, float]:
     """Metrics of ``score(item) = cos(sum_j decay**j * unit(text(h_-j)), text(item)) + beta * log(1 + count(item))``.
 
-    ``h_-0`` is the history's last item; ``count`` is the item's count among ``train_targets`` (the
-    regime's training targets; ``None``, as zero-shot has, means no prior). Query and candidates are
-    ``model/floor.py``'s, which a model that carries the floor adds to its own.
+    ``h_-0`` is the history's last item; ``counts`` (N + 1,) holds each item id's count among the regime's
+    training targets (``training_counts``; ``None``, as zero-shot has, means no prior). Query and candidates
+    are ``model/floor.py``'s, which a model that carries the floor adds to its own.
     """
     unit = F.normalize(item_features.float(), dim=-1)
-    num_items = len(unit) - 1
-    counts = (torch.zeros(num_items + 1) if train_targets is None
-              else torch.bincount(train_targets, minlength=num_items + 1).float())
+    counts = torch.zeros(len(unit)) if counts is None else counts
     candidates = floor_candidates(unit[1:], counts[1:])  # (N, d + 1)
     metrics = RankingMetrics(ks)
     for batch in batches:
@@ -76,17 +74,23 @@ def floor(item_features: torch.Tensor, train_targets: torch.Tensor | None, batch
     return _results(metrics, long_tail)
 
 
-def floor_grid(item_features: torch.Tensor, train_targets: torch.Tensor | None, batches: Sequence[SeqBatch],
+def floor_grid(item_features: torch.Tensor, counts: torch.Tensor | None, batches: Sequence[SeqBatch],
                decays: Sequence[float] = FLOOR_DECAYS, betas: Sequence[float] = FLOOR_BETAS,
                metric: str = "ndcg@10") -> tuple[FloorKnobs, dict[tuple[float, float], float]]:
     """The knobs with the best ``metric`` on ``batches`` (validation rows: never the test split), and
-    every setting's value. Without training targets only the decay is searched (beta 0)."""
+    every setting's value. Without counts only the decay is searched (beta 0)."""
     scores = {}
     for decay in decays:
-        for beta in (betas if train_targets is not None else (0.0,)):
-            scores[(decay, beta)] = floor(item_features, train_targets, batches, FloorKnobs(decay, beta))[metric]
+        for beta in (betas if counts is not None else (0.0,)):
+            scores[(decay, beta)] = floor(item_features, counts, batches, FloorKnobs(decay, beta))[metric]
     best = max(scores, key=lambda knob: (scores[knob], -knob[1], -knob[0]))  # ties: the simpler setting
     return FloorKnobs(*best), scores
+
+
+def training_counts(train_targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(N + 1,) each item id's count among ``train_targets`` (row 0 = padding): the floor's prior, the long tail's
+    measure."""
+    return torch.bincount(train_targets, minlength=num_items + 1)
 
 
 #: (training targets per item id (N + 1,), largest count that is still long-tail), as ``SeqRecModule``'s slice

@@ -276,19 +276,20 @@ def baseline(arm: Arm, target: str, regime: str, users: Path | None, quick: bool
     """Popularity, text-kNN or the floor on the target's test split, with the long-tail slice, in this
     process; and what was chosen on validation (the floor's knobs), for the record."""
     from unisrec_x.data.datamodule import SeqRecDataModule
-    from unisrec_x.evaluation.baselines import floor, popularity, text_knn
+    from unisrec_x.evaluation.baselines import floor, popularity, text_knn, training_counts
 
     data = SeqRecDataModule(target, data_root=data_root, train_users=None if users is None else str(users),
                             max_users=QUICK_USERS if quick else None, **data_settings(arm))
     targets = data.examples("train").targets
-    long_tail = (torch.bincount(targets, minlength=data.num_items + 1), LONG_TAIL_MAX_COUNT)
+    counts = training_counts(targets, data.num_items)
+    long_tail = (counts, LONG_TAIL_MAX_COUNT)
     test = data.test_dataloader()
     if arm.kind == "popularity":
         return popularity(targets, data.num_items, test, long_tail=long_tail), {}
     if arm.kind == "text_knn":
         return text_knn(data.item_features, test, long_tail=long_tail), {}
-    knobs, chosen = floor_knobs(data, targets, regime, quick, data_root, pretraining, data_settings(arm))
-    return floor(data.item_features, None if regime == "zero-shot" else targets, test, knobs, long_tail=long_tail), chosen
+    knobs, chosen = floor_knobs(data, counts, regime, quick, data_root, pretraining, data_settings(arm))
+    return floor(data.item_features, None if regime == "zero-shot" else counts, test, knobs, long_tail=long_tail), chosen
 
 
 def data_settings(arm: Arm) -> dict[str, str]:
@@ -298,7 +299,7 @@ def data_settings(arm: Arm) -> dict[str, str]:
     return {flag.removeprefix("--data."): value for flag, value in zip(arm.args[::2], arm.args[1::2])}
 
 
-def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root: str | None,
+def floor_knobs(data, counts: torch.Tensor, regime: str, quick: bool, data_root: str | None,
                 pretraining: dict | None, settings: dict[str, str] | None = None) -> tuple:
     """The floor's knobs, chosen on validation rows a user of the regime has: the regime's own (few-shot: the
     sampled users'); zero-shot has no target labels, so the decay is chosen on the pretraining sources'
@@ -306,7 +307,7 @@ def floor_knobs(data, targets: torch.Tensor, regime: str, quick: bool, data_root
     from unisrec_x.evaluation.baselines import floor_grid
 
     if regime != "zero-shot":
-        knobs, scores = floor_grid(data.item_features, targets, list(data.val_dataloader()))
+        knobs, scores = floor_grid(data.item_features, counts, list(data.val_dataloader()))
         where = f"validation rows of the {validation_users(regime)} users of the target"
     else:
         sources = tuple((pretraining or {}).get("sources") or ["games", "toys"])

@@ -38,9 +38,8 @@ def choose_floor_blend(module, batches: Sequence, with_counts: bool = True,
     The floor's prior counts are the model's own (``popularity_counts``, the fit's training targets), the very
     ones it adds; ``with_counts=False`` (zero-shot: none) searches the decay alone."""
     net = module.net
-    counts = net.popularity_counts.cpu()
-    targets = torch.repeat_interleave(torch.arange(len(counts)), counts) if with_counts else None  # counts as targets
-    knobs, floor_scores = floor_grid(net.item_features.cpu(), targets, batches, metric=METRIC)
+    counts = net.popularity_counts.cpu() if with_counts else None
+    knobs, floor_scores = floor_grid(net.item_features.cpu(), counts, batches, metric=METRIC)
     scores = blend_scores(module, batches, weights, knobs.decay, knobs.beta)
     best = max(scores, key=lambda w: (scores[w], -w))
     net.set_floor(best, knobs.decay, knobs.beta)

@@ -39,6 +39,7 @@ from unisrec_x.errors import DataError
 from unisrec_x.training.checkpoint import load_pretrained
 from unisrec_x.training.guards import check_finite
 from unisrec_x.objectives.losses import chunked_next_item_loss
+from unisrec_x.evaluation.baselines import training_counts
 from unisrec_x.evaluation.metrics import RankingMetrics
 from unisrec_x.objectives.microbatch import micro_batched_loss
 from unisrec_x.model.seq_encoder import rows_per_chunk
@@ -141,7 +142,7 @@ class SeqRecModule(pl.LightningModule):
         if self.net.text_top is not None:
             self.install_text_top()
         targets = self.datamodule.examples("train").targets
-        self.train_counts = torch.bincount(targets, minlength=self.datamodule.num_items + 1)
+        self.train_counts = training_counts(targets, self.datamodule.num_items)
         if stage == "fit":
             self.set_training_targets(targets)
             if self.net.counts_items:  # only a fit counts: a test or validate run takes the saved counts, and
@@ -213,7 +214,7 @@ class SeqRecModule(pl.LightningModule):
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
         if self.loss == "sampled":
-            counts = torch.bincount(targets, minlength=self.net.num_items + 1)
+            counts = training_counts(targets, self.net.num_items)
             self.sampler = NegativeSampler(counts, self.num_negatives, self.negative_sampling)
 
     def loss_path(self, batch: SeqBatch | PositionBatch) -> LossPath:
