@@ -489,3 +489,38 @@ def test_an_arm_for_some_targets_is_planned_for_those_only(real_root, tmp_path, 
                    str(tmp_path / "runs"), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
     planned = sorted((c[c.index("--data.dataset") + 1], "knowledge_fields" in " ".join(c)) for c in calls)
     assert planned == [("office", False), ("office", True), ("scientific/Scientific", False)]
+
+
+def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
+    """Issue 28's goals: the floor to beat is the training-free ranker that won validation (here the mean-pooled
+    one, though the other tests higher would flatter nobody), not the one that won test; 5% asks for a margin
+    beyond the seeds' spread, 20% and 100% for +10%, and the long tail at 100% for text-kNN's."""
+    from unisrec_x.experiments.transfer_goals import goals
+    from unisrec_x.experiments.transfer_report import current_rows
+
+    def record(regime, arm, seed, ndcg, tail, validation=None, **extra):
+        metrics = {m: ndcg for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50")}
+        metrics.update({f"long_tail/{m}": tail for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50")})
+        metrics["long_tail/rows"] = 5.0
+        grid = {"knobs": {"decay": 0.5, "beta": 0.0}, "validation_ndcg@10": {"decay=0.5 beta=0.0": validation}}
+        return {"target": "t", "regime": regime, "arm": arm, "seed": seed, "metrics": metrics,
+                "validation_users": "sampled" if regime == "5%" else "all", **(grid if validation else {}), **extra}
+
+    records = [record("5%", "floor", 1, 0.060, 0.05, validation=0.066),
+               record("5%", "floor_mean", 1, 0.055, 0.05, validation=0.070),
+               record("5%", "text_knn", 1, 0.050, 0.05),
+               *(record("5%", "scratch_text_codes", s, v, 0.04) for s, v in ((1, 0.057), (2, 0.058), (3, 0.059))),
+               record("5%", "sasrec", 1, 0.070, 0.01, validation_users="all"),  # earlier protocol: not counted
+               record("100%", "floor", 1, 0.050, 0.03, validation=0.06),
+               record("100%", "text_knn", 1, 0.045, 0.04),
+               record("100%", "sasrec", 1, 0.054, 0.02),
+               record("100%", "scratch_inductive", 1, 0.052, 0.041)]
+    entries = {(e["regime"], e["slice"]): e for e in goals(current_rows(rows_of(records, ARMS)), ARMS, ["t"],
+                                                                ["5%", "100%"])}
+    five = entries[("5%", "all")]
+    assert five["floor_arm"] == "floor_mean" and five["best_arm"] == "scratch_text_codes"
+    assert five["gap"] == pytest.approx(0.058 / 0.055 - 1, abs=1e-4) and five["met"] is True  # 0.003 > std 0.001
+    full = entries[("100%", "all")]
+    assert full["best_arm"] == "sasrec" and full["gap"] == pytest.approx(0.08) and full["met"] is False
+    tail = entries[("100%", "long-tail")]
+    assert tail["floor_arm"] == "text_knn" and tail["best_arm"] == "scratch_inductive" and tail["met"] is True

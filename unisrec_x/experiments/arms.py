@@ -122,6 +122,10 @@ ARMS = [
     Arm("scratch_text_codes_floorblend_unseen", "Scratch, text + codes, carrying the floor chosen on users held out "
         "of training", ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *FLOOR_BLEND,
                         "--data.blend_rows", "0.3", "--data.blend_rows_train", "false"], regimes=("5%", "20%")),
+    # the blend on mean-pooled vectors: on Scientific the mean-pooled floor wins validation, so it is the floor to
+    # beat there, and the model's floor coordinates come from its own (here mean-pooled) text vectors
+    Arm("scratch_text_codes_mean_floorblend", "Scratch, text + codes, mean-pooled, carrying the floor",
+        ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, "--data.pooling", "mean", *FLOOR_BLEND]),
     Arm("pretrained_text_codes_floorblend", "Pretrained, text + codes, carrying the floor (weight chosen on validation)",
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from unisrec_x.experiments.runner import REPORTED, summarise
+from unisrec_x.experiments.transfer_goals import goals, goals_markdown
 from unisrec_x.runtime.paths import atomic_write_bytes
 
 SLICES = (("all", ""), ("long-tail", "long_tail/"))
@@ -103,14 +104,23 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
     return rows
 
 
+def current_rows(rows: list[dict]) -> list[dict]:
+    """The rows of today's validation protocol (few-shot: the sampled users'; otherwise every user's)."""
+    return [r for r in rows if r["validation_users"] == ("sampled" if r["regime"] in ("5%", "20%") else "all")]
+
+
 def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int) -> str:
     """Per target and slice: arms down (in ``arms``' order), regimes across, N@10 (mean ± std over seeds); rows
-    of the current validation protocol, then any few-shot rows of the earlier one in their own tables."""
-    current = [r for r in rows if r["validation_users"] == ("sampled" if r["regime"] in ("5%", "20%") else "all")]
+    of the current validation protocol, the goals against the floor, then any few-shot rows of the earlier
+    protocol in their own tables."""
+    current = current_rows(rows)
     earlier = [r for r in rows if r not in current]
     out = _tables(current, arms, targets, regimes, max_count, "")
     if any(r["mixed_commits"] for r in current):
         out.append("† seeds made by different commits of the package (or by an unknown one, before records named it).\n")
+    entries = goals(current, arms, targets, regimes)
+    if entries:
+        out.append(goals_markdown(entries, arms))
     if earlier:
         out.append("## Few-shot rows under the earlier protocol (selected on every user's validation rows)\n")
         out += _tables(earlier, arms, targets, [r for r in regimes if r in ("5%", "20%")], max_count, " (earlier protocol)")
@@ -170,13 +180,13 @@ def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], tar
         {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
          "protocol": {"validation_users": PROTOCOLS, "current": {"zero-shot": "all", "5%": "sampled", "20%": "sampled",
                                                                   "100%": "all"}},
-         "long_tail_max_count": max_count, "rows": rows, "pretraining": pretraining,
+         "long_tail_max_count": max_count, "rows": rows, "goals": goals(current_rows(rows), arms, targets, regimes),
+         "pretraining": pretraining,
          **({"note": note} if note else {})}, indent=1).encode())
     table = markdown(rows, arms, targets, regimes, max_count)
     if note:
         table = f"{note}\n\n{table}"
     atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
     for target in targets:
-        plot([r for r in rows if r["validation_users"] == ("sampled" if 0 < shares[r["regime"]] < 1 else "all")],
-             arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
+        plot(current_rows(rows), arms, shares, target, out / f"transfer{suffix}-{slug(target)}.png")
     print(table)
