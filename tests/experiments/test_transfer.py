@@ -14,6 +14,9 @@ from unisrec_x.experiments import arms, transfer
 from unisrec_x.experiments.transfer import ARMS, REGIMES, arm_command, run_one, user_sample
 from unisrec_x.experiments.transfer_report import rows_of
 
+#: what the pretrained arms read from a pretraining record
+PRETRAINING = {"weights": "w.pt", "sources": ["games", "toys"]}
+
 ARM = {a.name: a for a in ARMS}
 
 
@@ -191,7 +194,7 @@ def test_few_shot_fits_validate_after_about_one_full_split_of_sequences(tmp_path
     assert int(words[words.index(flag) + 1] if flag in words else 1) == interval
     if interval > 1:  # as many validations (so as much patience) as a full-data run may make
         assert int(words[words.index("--trainer.max_epochs") + 1]) == transfer.MAX_EPOCHS * interval
-    zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, "w.pt", True, None)
+    zero_shot = arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, PRETRAINING, True, None)
     assert zero_shot[1] == "test" and "--trainer.max_epochs" not in zero_shot and "--data.max_users" in zero_shot
 
 
@@ -203,7 +206,7 @@ def test_every_trained_arms_command_parses(tmp_path, capsys):
         if arm.kind not in ("fit", "test"):
             continue
         regime = "zero-shot" if arm.kind == "test" else arm.regimes[0]
-        for cmd in transfer.stage_commands(arm, "scientific/Scientific", regime, 1, tmp_path / arm.name, None, "w.pt",
+        for cmd in transfer.stage_commands(arm, "scientific/Scientific", regime, 1, tmp_path / arm.name, None, PRETRAINING,
                                            False, None):
             with pytest.raises(SystemExit) as exit_:
                 main([*cmd[1:], "--print_config"])
@@ -226,7 +229,7 @@ def _plan_commands(quick: bool, tmp_path) -> list[list[str]]:
         for regime in arm.regimes:
             if arm.kind in ("fit", "test"):
                 users = tmp_path / "users.txt" if 0 < REGIMES[regime] < 1 else None
-                commands += transfer.stage_commands(arm, "office", regime, 1, tmp_path / "seed1", users, "w.pt", quick,
+                commands += transfer.stage_commands(arm, "office", regime, 1, tmp_path / "seed1", users, PRETRAINING, quick,
                                                     "/data")
     return commands
 
@@ -253,7 +256,7 @@ def test_quick_fits_early_stop_with_patience_and_no_validation_cap(tmp_path):
         for regime in transfer.QUICK_REGIMES:
             if regime not in arm.regimes:
                 continue
-            cmd = arm_command(arm, "scientific/Scientific", regime, 1, tmp_path / "seed1", None, "w.pt", True, None)
+            cmd = arm_command(arm, "scientific/Scientific", regime, 1, tmp_path / "seed1", None, PRETRAINING, True, None)
             assert cmd[cmd.index("--patience") + 1] == str(transfer.QUICK_PATIENCE)
             assert "--trainer.max_epochs" not in cmd and "--trainer.max_steps" not in cmd  # the CLI's 300 epochs
             assert cmd[cmd.index("--data.max_users") + 1] == str(transfer.QUICK_USERS)
@@ -303,8 +306,8 @@ def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
         record = json.loads(path.read_text())
         share = REGIMES[record["regime"]]
         users = transfer.sample_path(record["target"], share, results) if 0 < share < 1 else None
-        where, command = transfer.keyed_command(ARM[record["arm"]], record["target"], record["regime"], record["seed"],
-                                                runs, users, pretraining["weights"], False, None)
+        where, command, _ = transfer.keyed_command(ARM[record["arm"]], record["target"], record["regime"], record["seed"],
+                                                   runs, users, pretraining, False, None)
         assert COMMITTED / where.with_suffix(".json") == path and command == record["command"], path
         assert transfer.finished(path, command) == record, path
     # a changed setting is still a new command
@@ -472,8 +475,8 @@ def test_the_floor_arm_chooses_its_knobs_on_the_regimes_validation_rows(real_roo
 def test_baseline_arms_carry_their_data_settings_into_the_key_and_the_datamodule(tmp_path):
     arm = ARM["floor_mean"]
     assert transfer.data_settings(arm) == {"pooling": "mean"}
-    _, command = transfer.keyed_command(arm, "office", "100%", 1, tmp_path, None, None, False, None)
-    _, plain = transfer.keyed_command(ARM["floor"], "office", "100%", 1, tmp_path, None, None, False, None)
+    _, command, _ = transfer.keyed_command(arm, "office", "100%", 1, tmp_path, None, None, False, None)
+    _, plain, _ = transfer.keyed_command(ARM["floor"], "office", "100%", 1, tmp_path, None, None, False, None)
     assert command == plain + " --data.pooling mean"  # another setting is another result
     with pytest.raises(ValueError, match="--data.NAME VALUE pairs"):
         transfer.data_settings(transfer.Arm("odd", "Odd", ["--model.x", "1"], kind="floor"))
@@ -524,3 +527,16 @@ def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
     assert full["best_arm"] == "sasrec" and full["gap"] == pytest.approx(0.08) and full["met"] is False
     tail = entries[("100%", "long-tail")]
     assert tail["floor_arm"] == "text_knn" and tail["best_arm"] == "scratch_inductive" and tail["met"] is True
+
+
+def test_arms_read_the_pretrainings_weights_and_sources_from_its_record(tmp_path):
+    """No arm names the pretraining's sources itself: the zero-shot blend chooses on whatever the record says
+    pretraining trained on, and the zero-shot floor without a record on what the pretraining config names."""
+    record = {"weights": "p.pt", "sources": ["lastfm", "ml-100k"]}
+    cmd = arm_command(ARM["zero_shot_floorblend"], "office", "zero-shot", 1, tmp_path / "seed1", None, record, False,
+                      None)
+    assert cmd[cmd.index("--floor_blend_on") + 1] == "[lastfm,ml-100k]"
+    assert cmd[cmd.index("--model.init_args.pretrained") + 1] == "p.pt"
+    with pytest.raises(ValueError, match="pretraining"):
+        arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, None, False, None)
+    assert transfer.configured_sources() == ["games", "toys"]

@@ -67,7 +67,7 @@ ARMS = [
     # issue 28 #4, zero-shot: the pretrained model carrying the floor, its weight and decay chosen on the sources'
     # validation rows (the zero-shot floor's own choice is made there too)
     Arm("zero_shot_floorblend", "Pretrained, zero-shot, carrying the floor (chosen on the sources' validation)",
-        ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *FLOOR_BLEND, "--floor_blend_on", "[games,toys]", *_PRE],
+        ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, *FLOOR_BLEND, "--floor_blend_on", "{sources}", *_PRE],
         kind="test", pretrained=True, regimes=("zero-shot",)),
     Arm("sasrec", "SASRec-ID", ["-c", "configs/scientific/sasrec.yaml"]),
     Arm("scratch_inductive", "Scratch, inductive (text)", ["-c", "configs/scientific/unisrec_inductive.yaml", *TEXT_MODEL]),

@@ -103,10 +103,21 @@ def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
     return out
 
 
+def from_pretraining(args: list[str], pretraining: dict | None) -> list[str]:
+    """An arm's words with what the pretraining record says filled in: ``{pretrained}`` (its weights) and
+    ``{sources}`` (the datasets it trained on, as a YAML list), so no arm names them itself."""
+    if not any("{pretrained}" in a or "{sources}" in a for a in args):
+        return list(args)
+    if pretraining is None:
+        raise ValueError("this arm starts from the pretraining, and there is none yet")
+    sources = "[" + ",".join(pretraining["sources"]) + "]"
+    return [a.replace("{pretrained}", str(pretraining["weights"])).replace("{sources}", sources) for a in args]
+
+
 def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
-                pretrained: str | None, quick: bool, data_root: str | None) -> list[str]:
+                pretraining: dict | None, quick: bool, data_root: str | None) -> list[str]:
     """The exact ``unisrec-x`` command of a trained arm (its key in the results folder)."""
-    cmd = ["unisrec-x", arm.kind, *[a.replace("{pretrained}", str(pretrained)) for a in arm.args], "--data.dataset", target,
+    cmd = ["unisrec-x", arm.kind, *from_pretraining(arm.args, pretraining), "--data.dataset", target,
            "--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir.parent),
            "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", run_dir.name,
            "--trainer.enable_progress_bar", "false"]
@@ -310,11 +321,18 @@ def floor_knobs(data, counts: torch.Tensor, regime: str, quick: bool, data_root:
         knobs, scores = floor_grid(data.item_features, counts, list(data.val_dataloader()))
         where = f"validation rows of the {validation_users(regime)} users of the target"
     else:
-        sources = tuple((pretraining or {}).get("sources") or ["games", "toys"])
+        sources = tuple((pretraining or {}).get("sources") or configured_sources())
         knobs, scores = _sources_floor_grid(sources, quick, data_root, tuple(sorted((settings or {}).items())))
         where = f"validation rows of the pretraining sources {list(sources)}"
     return knobs, {"knobs": knobs._asdict(), "chosen_on": where,
                    "validation_ndcg@10": {f"decay={d} beta={b}": round(v, 6) for (d, b), v in scores.items()}}
+
+
+def configured_sources() -> list[str]:
+    """The sources the pretraining config trains on: the zero-shot floor's when no pretraining ran in this plan."""
+    import yaml
+
+    return list(yaml.safe_load(resolve_config(PRETRAIN_ARGS[1]).read_text())["data"]["dataset"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -329,35 +347,35 @@ def _sources_floor_grid(sources: tuple[str, ...], quick: bool, data_root: str | 
     return floor_grid(source_data.item_features, None, list(source_data.val_dataloader()))
 
 
-def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, users: Path | None, pretrained: str | None,
-                  quick: bool, data_root: str | None) -> tuple[Path, str]:
-    """An arm's place (``<target>/<regime>/<arm>/seed<N>``, under the results and the runs folder) and the command
-    that is its result's key."""
+def keyed_command(arm: Arm, target: str, regime: str, seed: int, runs: Path, users: Path | None,
+                  pretraining: dict | None, quick: bool, data_root: str | None) -> tuple[Path, str, list[list[str]]]:
+    """An arm's place (``<target>/<regime>/<arm>/seed<N>``, under the results and the runs folder), the command
+    that is its result's key and, for a trained arm, the commands of its stages (``stage_commands``)."""
     where = Path(slug(target)) / regime_slug(regime) / arm.name / f"seed{seed}"
     if arm.kind in BASELINES:
         grid = (f" --decays {' '.join(map(str, FLOOR_DECAYS))} --betas {' '.join(map(str, FLOOR_BETAS))}"
                 if arm.kind == "floor" else "")
         return where, (f"baseline {arm.kind}{grid} --data.dataset {target} --data.train_users {users}"
-                       + (f" --data.max_users {QUICK_USERS}" if quick else "") + "".join(f" {w}" for w in arm.args))
-    return where, " && ".join(map(shlex.join, stage_commands(arm, target, regime, seed, runs / where, users, pretrained,
-                                                           quick, data_root)))
+                       + (f" --data.max_users {QUICK_USERS}" if quick else "") + "".join(f" {w}" for w in arm.args)), []
+    stages = stage_commands(arm, target, regime, seed, runs / where, users, pretraining, quick, data_root)
+    return where, " && ".join(map(shlex.join, stages)), stages
 
 
 def stage_commands(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
-                   pretrained: str | None, quick: bool, data_root: str | None) -> list[list[str]]:
+                   pretraining: dict | None, quick: bool, data_root: str | None) -> list[list[str]]:
     """A trained arm's commands in order: its first stage (if any, in ``first_stage_dir(run_dir)``) and the fit
     that starts from that stage's checkpoint (``first_stage_checkpoint``)."""
     if not arm.first_stage:
-        return [arm_command(arm, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
+        return [arm_command(arm, target, regime, seed, run_dir, users, pretraining, quick, data_root)]
     stage_dir = first_stage_dir(run_dir)
-    first = arm_command(Arm(arm.name, arm.label, arm.first_stage), target, regime, seed, stage_dir, users, pretrained,
+    first = arm_command(Arm(arm.name, arm.label, arm.first_stage), target, regime, seed, stage_dir, users, pretraining,
                         quick, data_root)
     if arm.first_stage_passes:  # a fixed length: validation cannot stop it
         first = with_flags(first, {"--trainer.max_epochs": str(arm.first_stage_passes * validation_interval(regime)),
                                    "--patience": str(arm.first_stage_passes)})
     last = Arm(arm.name, arm.label, [a.replace("{first_stage}", str(first_stage_checkpoint(arm, stage_dir)))
                                       for a in arm.args])
-    return [first, arm_command(last, target, regime, seed, run_dir, users, pretrained, quick, data_root)]
+    return [first, arm_command(last, target, regime, seed, run_dir, users, pretraining, quick, data_root)]
 
 
 def first_stage_checkpoint(arm: Arm, stage_dir: Path) -> Path:
@@ -385,11 +403,11 @@ def first_stage_dir(run_dir: Path) -> Path:
 
 
 def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
-            pretrained: str | None, quick: bool, data_root: str | None, threads: int, report_only: bool = False,
-            pretraining: dict | None = None) -> dict | None:
+            pretraining: dict | None, quick: bool, data_root: str | None, threads: int,
+            report_only: bool = False) -> dict | None:
     """One (target, regime, arm, seed): reuse its result file if the command matches, else run it
     (``report_only``: else ``None``)."""
-    where, command = keyed_command(arm, target, regime, seed, runs, users, pretrained, quick, data_root)
+    where, command, stages = keyed_command(arm, target, regime, seed, runs, users, pretraining, quick, data_root)
     result_path = results / where.with_suffix(".json")
     record = finished(result_path, command, regime)
     if record or report_only:
@@ -400,7 +418,6 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
-        stages = stage_commands(arm, target, regime, seed, runs / where, users, pretrained, quick, data_root)
         for stage in stages[:-1]:
             run_process(stage, first_stage_dir(runs / where), threads)
             if not arm.first_stage_passes:
@@ -505,8 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     pretraining = None
     if any(a.pretrained for a in arms):
         pretraining = pretrain(results, runs, seeds[0], quick, args.data_root, (os.cpu_count() or 1), args.report_only)
-    weights = pretraining["weights"] if pretraining else None
-    if weights is None:  # report_only before pretraining finished: its arms are all pending
+    if pretraining is None:  # report_only before pretraining finished: its arms are all pending
         arms = [a for a in arms if not a.pretrained]
     jobs = []
     for regime in regimes:  # regime-major: both targets' zero-shot and few-shot rows come first
@@ -523,8 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                     jobs.append((arm, target, regime, seed, users))
     records = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, weights, quick, args.data_root,
-                               threads, args.report_only, pretraining) for arm, target, regime, seed, users in jobs]
+        futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, pretraining, quick,
+                               args.data_root, threads, args.report_only) for arm, target, regime, seed, users in jobs]
         try:
             for future in futures:
                 records.append(future.result())
