@@ -225,3 +225,19 @@ def test_a_resumed_run_keeps_the_patience_it_is_given():
     resumed = FlagPatience(monitor="val/ndcg@10", mode="max", patience=40)
     resumed.load_state_dict({**saved, "wait_count": 7})
     assert resumed.patience == 40 and resumed.wait_count == 7
+
+
+def test_a_run_cut_after_early_stopping_stops_again_at_once_on_resume():
+    """A fit stopped by early stopping and cut before its test ends must not train on when resumed (it could end
+    on another checkpoint than the run never cut); a larger --patience given at the resume lets it go on."""
+    from types import SimpleNamespace
+
+    from unisrec_x.cli import FlagPatience
+
+    state = {"wait_count": 3, "stopped_epoch": 9, "best_score": torch.tensor(0.05), "patience": 3}
+    for patience, stops in ((3, True), (5, False)):
+        callback = FlagPatience(monitor="val/ndcg@10", mode="max", patience=patience)
+        callback.load_state_dict(state)
+        trainer = SimpleNamespace(should_stop=False)
+        callback.on_train_start(trainer, None)
+        assert trainer.should_stop is stops

@@ -109,3 +109,55 @@ def test_checkpoint_with_another_item_count_says_so(tmp_path, tiny_encoder, real
         main(["test", "-c", CONFIG, "--data.max_users", "60", "--data.text_encoder", tiny_encoder,
               "--data.data_root", str(real_root), "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     assert "checkpoint has another item count" in caplog.text
+
+
+def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninterrupted_one(
+        tmp_path, tiny_encoder, real_root, env, monkeypatch):
+    """The experiment runner resumes a cut run of the same command and code from its last checkpoint (a session's
+    end no longer throws an hour of training away): same test metrics and validation curve as a run never cut."""
+    from unisrec_x.experiments import resume, runner
+
+    code = {"commit": "c" * 40, "dirty": False}  # a clean checkout: only then may a run span two processes
+    monkeypatch.setattr(runner, "code_version", lambda: code)
+    for name in ("UNISREC_X_CACHE", "PYTHONPATH", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, env[name])
+
+    def command(run_dir: Path) -> list[str]:
+        return ["unisrec-x", *_args(tiny_encoder, real_root, run_dir.parent), "--trainer.logger.init_args.name", ".",
+                "--trainer.logger.init_args.version", run_dir.name]
+
+    whole, cut = tmp_path / "whole" / "seed1", tmp_path / "cut" / "seed1"
+    runner.run_process(command(whole), whole)
+    child = ("import json, sys; from pathlib import Path; from unisrec_x.experiments import runner; "
+             f"runner.code_version = lambda: {code!r}; runner.run_process(json.loads(sys.argv[1]), Path(sys.argv[2]))")
+    victim = subprocess.Popen([sys.executable, "-c", child, json.dumps(command(cut)), str(cut)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, step = time.time() + 300, None
+    while time.time() < deadline and victim.poll() is None:  # a checkpoint after two validations, then kill -9 all
+        step = resume.checkpoint_step(cut / resume.LAST) if (cut / resume.LAST).is_file() else None
+        if step is not None and step >= 6:
+            break
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    while time.time() < deadline:  # the fit (its grandchild, which holds the folder's lock too) is gone as well
+        try:
+            os.killpg(victim.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    assert step is not None and step >= 6 and not (cut / "test_metrics.json").exists()
+
+    runner.run_process(command(cut), cut)
+    stamp = resume.read_stamp(cut)
+    assert stamp["finished"] and len(stamp["parts"]) == 2 and stamp["parts"][1]["resumed_at_step"] >= 6
+    assert (cut / resume.METRICS_PART.format(1)).is_file()  # the cut part's rows were kept
+    assert _metrics(cut) == pytest.approx(_metrics(whole), rel=1e-5)
+
+    def curve(run_dir):
+        return [float(r["val/ndcg@10"]) for r in resume.metrics_rows(run_dir) if r.get("val/ndcg@10")]
+
+    assert len(curve(whole)) >= 3 and curve(cut) == pytest.approx(curve(whole), rel=1e-5)
+    before = (cut / "test_metrics.json").stat().st_mtime_ns
+    runner.run_process(command(cut), cut)  # finished: not run again
+    assert (cut / "test_metrics.json").stat().st_mtime_ns == before

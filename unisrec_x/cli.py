@@ -90,8 +90,17 @@ class FlagPatience(EarlyStopping):
     """The default early stopping, whose patience is the run's ``--patience`` also when it resumes
     (EarlyStopping's own state would restore the checkpoint's)."""
 
+    stopped_before = False
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict({**state_dict, "patience": self.patience})
+        # a run cut after it stopped (during its test, say) would otherwise train on until its next validation
+        # and could end on another checkpoint than the uninterrupted run
+        self.stopped_before = self.wait_count >= self.patience
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.stopped_before:
+            trainer.should_stop = True
 
 
 class UniSRecCLI(LightningCLI):

@@ -13,6 +13,13 @@ from unisrec_x.experiments import runner as experiment
 from unisrec_x.experiments.foundation import FOUNDATION, arm_command, markdown_table, run_arm, summarise
 
 
+@pytest.fixture(autouse=True)
+def _known_code_version():
+    """The runner stamps each run folder with the checkout's commit (git, run once per process): asked before
+    the tests below replace ``subprocess.run`` with their stand-ins."""
+    experiment.code_version()
+
+
 def _finish(tmp_path, arm, seed, command, ndcg, defaults=experiment.DEFAULTS_VERSION):
     run_dir = tmp_path / arm.name / f"seed{seed}"
     run_dir.mkdir(parents=True)
@@ -115,3 +122,44 @@ def test_summary_and_table_over_seeds(tmp_path):
     assert summary["recall@10"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1)}
     table = markdown_table({"arms": {"a": {"label": "Arm A", "summary": summary, "runs": runs}}})
     assert "| Arm A | 0.2000 ± 0.1000 | 0.1000 ± 0.0500 |" in table and "3/3/3" in table
+
+
+@pytest.mark.parametrize("case", ["same", "other commit", "dirty", "other command", "truncated"])
+def test_a_cut_run_resumes_only_for_the_same_command_on_the_same_clean_code(tmp_path, monkeypatch, case):
+    import torch
+
+    from unisrec_x.experiments import resume
+
+    cmd = ["unisrec-x", "fit", "--seed_everything", "1"]
+    code = {"commit": "a" * 40, "dirty": False}
+    run_dir = tmp_path / "seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / experiment.RUN_LOG).write_text("cut half-way\n")
+    stamp = resume.new_stamp(cmd, code)
+    resume.start_part(run_dir, stamp)
+    torch.save({"state_dict": {}, "global_step": 7}, run_dir / resume.LAST)
+    if case == "truncated":
+        (run_dir / resume.LAST).write_bytes((run_dir / resume.LAST).read_bytes()[:20])
+    (run_dir / "metrics.csv").write_text("step,val/ndcg@10\n6,0.05\n")
+    now = {"same": code, "other commit": {"commit": "b" * 40, "dirty": False}, "dirty": {**code, "dirty": True},
+           "other command": code, "truncated": code}[case]
+    monkeypatch.setattr(experiment, "code_version", lambda: now)
+    given = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(words, stdout, **kwargs):
+        given.append(words)
+        return Done()
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    experiment.run_process(cmd + (["--trainer.max_epochs", "3"] if case == "other command" else []), run_dir)
+    resumed = "--ckpt_path" in given[0]
+    assert resumed == (case == "same")
+    assert (run_dir / resume.LAST).exists() == resumed  # a run not resumed starts from an emptied folder
+    assert (run_dir / resume.METRICS_PART.format(1)).exists() == resumed  # the cut part's rows are kept
+    stamp = resume.read_stamp(run_dir)
+    assert stamp["finished"] and len(stamp["parts"]) == (2 if resumed else 1)
+    experiment.run_process(cmd + (["--trainer.max_epochs", "3"] if case == "other command" else []), run_dir)
+    assert len(given) == (1 if now["dirty"] is False else 2)  # a finished run of clean code is not run again

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import unisrec_x
+from unisrec_x.experiments import resume
 from unisrec_x.runtime.locks import try_lock
 
 log = logging.getLogger(__name__)
@@ -132,32 +133,51 @@ def exclusive(run_dir: Path):
 
 
 def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> float:
-    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds.
+    """Run ``cmd`` (a ``unisrec-x`` command) in a fresh process logging to ``run_dir/stdout.log``; wall seconds
+    (of every part, where it was resumed).
 
-    ``run_dir`` is this runner's own folder for that run: whatever an interrupted or differently
-    configured run left there is removed first (its log last, so a cleanup cut short still marks the
-    folder as the runner's); a non-empty folder without the runner's log was made by someone else and
-    is refused. ``threads`` sets ``OMP_NUM_THREADS`` for the child.
+    ``run_dir`` is this runner's own folder for that run. A run of this very command and code that was cut
+    (a kill, a session's end) resumes from its last checkpoint, and one that finished is not run again
+    (``experiments/resume.py``); whatever an interrupted or differently configured run left there otherwise
+    is removed first (its log last, so a cleanup cut short still marks the folder as the runner's). A
+    non-empty folder without the runner's log was made by someone else and is refused. ``threads`` sets
+    ``OMP_NUM_THREADS`` for the child.
     """
     with exclusive(run_dir) as lock_fd:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not (run_dir / RUN_LOG).is_file():
-                raise ForeignRunFolder(f"{run_dir} exists and was not made by unisrec-x experiment (no {RUN_LOG}); "
-                                       "refusing to empty it: move it or give --runs another folder")
-            for old in sorted(run_dir.rglob("*"), reverse=True):
-                if old != run_dir / RUN_LOG:
-                    old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        code = code_version()
+        stamp = resume.read_stamp(run_dir) if (run_dir / RUN_LOG).is_file() else None
+        if resume.same_run(stamp, cmd, code) and stamp.get("finished"):
+            log.info("%s finished before: not run again", run_dir)
+            return float(stamp.get("wall_s", 0.0))
+        step = (resume.checkpoint_step(run_dir / resume.LAST)
+                if resume.same_run(stamp, cmd, code) and (run_dir / resume.LAST).is_file() else None)
+        words = runnable(cmd)
+        if step is not None:
+            log.info("%s: resuming the cut run from %s (step %d)", run_dir, resume.LAST, step)
+            resume.prepare_resume(run_dir, stamp, run_dir / RUN_LOG)
+            words += ["--ckpt_path", str(run_dir / resume.LAST)]
+        else:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                if not (run_dir / RUN_LOG).is_file():
+                    raise ForeignRunFolder(f"{run_dir} exists and was not made by unisrec-x experiment (no {RUN_LOG}); "
+                                           "refusing to empty it: move it or give --runs another folder")
+                for old in sorted(run_dir.rglob("*"), reverse=True):
+                    if old != run_dir / RUN_LOG:
+                        old.unlink() if old.is_file() or old.is_symlink() else old.rmdir()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_LOG).write_text("")
+            stamp = resume.new_stamp(cmd, code)
+        resume.start_part(run_dir, stamp, step)
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         start = time.perf_counter()
-        with open(run_dir / RUN_LOG, "w") as handle:
-            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *runnable(cmd)[1:]], stdout=handle,
+        with open(run_dir / RUN_LOG, "a") as handle:
+            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *words[1:]], stdout=handle,
                                   stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
-    if proc.returncode != 0:
-        tail = (run_dir / RUN_LOG).read_text().splitlines()[-15:]
-        raise ArmFailed(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
-                        + "\n".join(tail))
-    return time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = (run_dir / RUN_LOG).read_text().splitlines()[-15:]
+            raise ArmFailed(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
+                            + "\n".join(tail))
+        return resume.finish(run_dir, stamp, time.perf_counter() - start)
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -31,6 +31,7 @@ import torch
 from unisrec_x.errors import DataError
 from unisrec_x.evaluation.baselines import FLOOR_BETAS, FLOOR_DECAYS
 from unisrec_x.experiments.arms import ARMS, BASELINES, REGIMES, TEXT_MODEL, Arm
+from unisrec_x.experiments.resume import metrics_rows
 from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, code_version, config_paths, positive_int,
                                           resolve_config, run_process, seed_number)
 from unisrec_x.experiments.transfer_report import load_records, regime_slug, report, slug
@@ -254,7 +255,7 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
               "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
-              "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir / "metrics.csv"),
+              "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir),
               "date": time.strftime("%Y-%m-%d")}
     atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
     return record
@@ -267,12 +268,11 @@ def _config_value(run_dir: Path, key: str):
     return config["data"][key]
 
 
-def _curve(metrics_csv: Path) -> list[dict]:
-    """Training loss (mean since the previous point) and source validation N@10 at each validation."""
-    import csv
-
+def _curve(run_dir: Path) -> list[dict]:
+    """Training loss (mean since the previous point) and source validation N@10 at each validation (of every
+    part of a resumed run)."""
     rows, losses = [], []
-    for row in csv.DictReader(open(metrics_csv)):
+    for row in metrics_rows(run_dir):
         if row.get("train/loss"):
             losses.append(float(row["train/loss"]))
         if row.get("val/ndcg@10"):
