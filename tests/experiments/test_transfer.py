@@ -540,3 +540,24 @@ def test_arms_read_the_pretrainings_weights_and_sources_from_its_record(tmp_path
     with pytest.raises(ValueError, match="pretraining"):
         arm_command(ARM["zero_shot"], "office", "zero-shot", 1, tmp_path / "seed1", None, None, False, None)
     assert transfer.configured_sources() == ["games", "toys"]
+
+
+def test_a_pretraining_variant_has_its_own_command_record_and_arms(real_root, tmp_path, monkeypatch):
+    """Issue 29 #3: the encoder's last layer pretrained on the sources is a pretraining of its own (command, run
+    folder, record, weights), its arms start from it and no other, and no variant reads a target's data."""
+    plain = transfer.pretrain_command(tmp_path / "pretrain" / "seed1", 1, False, None)
+    tuned = transfer.pretrain_command(tmp_path / "pretrain-tuned1" / "seed1", 1, False, None, "tuned1")
+    assert tuned[tuned.index("--model.init_args.net.init_args.text_top_layers") + 1] == "1"
+    assert "--model.init_args.net.init_args.text_top_layers" not in plain
+    for variant, flags in arms.PRETRAININGS.items():
+        assert "--data.dataset" not in flags and "--data.data_root" not in flags, variant
+    assert not set(transfer.configured_sources()) & {t.split("/")[0] for t in transfer.DEFAULT_TARGETS}
+    tuned_arms = [a for a in ARMS if a.pretraining == "tuned1"]
+    assert tuned_arms and all(a.pretrained and "text_top_layers" in " ".join(a.args) for a in tuned_arms)
+    started = []
+    monkeypatch.setattr(transfer, "pretrain", lambda *a, **k: started.append(a[-1]) or None)
+    monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
+    transfer.main(["--report_only", "--targets", "office", "--regimes", "zero-shot", "--arms", "zero_shot",
+                   "zero_shot_tuned1", "--results", str(tmp_path / "results"), "--report", str(tmp_path / "out"),
+                   "--data_root", str(real_root)])
+    assert started == ["", "tuned1"]  # each pretraining asked for once; neither finished: both arms pending

@@ -30,6 +30,8 @@ class Arm:
     first_stage_passes: int | None = None
     #: only these targets (an arm that reads item fields only they have); ``None``: every target
     targets: tuple[str, ...] | None = None
+    #: which pretraining a pretrained arm starts from (a key of ``PRETRAININGS``)
+    pretraining: str = ""
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -41,6 +43,10 @@ TEXT_TOP = ["--model.init_args.net.init_args.text_top_layers", "1", "--model.ini
 #: the item vector from the knowledge adaptor over separately encoded fields alone (no joined text); the fields follow
 FIELDS_ONLY = ["--model.init_args.net.init_args.use_text", "false", "--model.init_args.net.init_args.knowledge_fields"]
 FLOOR_BLEND = ["--model.init_args.net.init_args.floor_blend", "true"]
+#: issue 29: the pretrainings arms start from, by name, each the flags it adds to the benchmark's pretraining
+#: command: "" is the frozen encoder's; "tuned1" trains the encoder's last layer with the rest on the sources'
+#: sequences (item-drop views only: a word-drop view swaps in frozen vectors that a trained top replaces)
+PRETRAININGS = {"": [], "tuned1": [*TEXT_TOP, "--model.init_args.item_drop_view_prob", "1"]}
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
 #: issue 30 (after CTRL): SASRec-ID aligned with a text model (the text arms' architecture over the frozen
@@ -130,6 +136,14 @@ ARMS = [
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",
          *FLOOR_BLEND, *_PRE], pretrained=True),
+    # issue 29 #3: the encoder's last layer pretrained on the sources, then zero-shot and fine-tuned with it
+    Arm("zero_shot_tuned1", "Pretrained with the encoder's last layer trained, zero-shot",
+        ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, "--model.init_args.net.init_args.text_top_layers", "1",
+         *_PRE], kind="test", pretrained=True, regimes=("zero-shot",), pretraining="tuned1"),
+    Arm("pretrained_text_codes_tuned1", "Pretrained with the encoder's last layer trained, text + codes, all parameters",
+        ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
+         "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",
+         *TEXT_TOP, *_PRE], pretrained=True, pretraining="tuned1"),
     Arm("scratch_text_codes_tuned1", "Scratch, text + codes, encoder's last layer trained",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL, *TEXT_TOP]),
     Arm("scratch_inductive_tuned1", "Scratch, inductive (text), encoder's last layer trained",

@@ -30,7 +30,7 @@ import torch
 
 from unisrec_x.errors import DataError
 from unisrec_x.evaluation.baselines import FLOOR_BETAS, FLOOR_DECAYS
-from unisrec_x.experiments.arms import ARMS, BASELINES, REGIMES, TEXT_MODEL, Arm
+from unisrec_x.experiments.arms import ARMS, BASELINES, PRETRAININGS, REGIMES, TEXT_MODEL, Arm
 from unisrec_x.experiments.resume import metrics_rows
 from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, code_version, config_paths, positive_int,
                                           resolve_config, run_process, seed_number)
@@ -215,9 +215,10 @@ def finished(path: Path, command: str, regime: str | None = None) -> dict | None
     return record if same else None
 
 
-def pretrain_command(run_dir: Path, seed: int, quick: bool, data_root: str | None) -> list[str]:
-    """The pretraining command: the full settings, or the quick ones in their place."""
-    cmd = with_flags(["unisrec-x", "fit", *PRETRAIN_ARGS], PRETRAIN_FLAGS)
+def pretrain_command(run_dir: Path, seed: int, quick: bool, data_root: str | None, variant: str = "") -> list[str]:
+    """The pretraining command: the full settings, or the quick ones in their place; a ``variant`` (one of
+    ``arms.PRETRAININGS``) adds its flags."""
+    cmd = with_flags(["unisrec-x", "fit", *PRETRAIN_ARGS, *PRETRAININGS[variant]], PRETRAIN_FLAGS)
     cmd = with_flags(cmd, QUICK_PRETRAIN_FLAGS) if quick else cmd
     cmd += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir.parent),
             "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", run_dir.name,
@@ -226,17 +227,20 @@ def pretrain_command(run_dir: Path, seed: int, quick: bool, data_root: str | Non
 
 
 def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int,
-             report_only: bool = False) -> dict | None:
+             report_only: bool = False, variant: str = "") -> dict | None:
     """Pretrain once (or reuse the recorded run) and keep its weights beside the results.
 
     The weights (``pretrained.pt``, the network only) are what the pretrained arms load, so a later
-    session reproduces their numbers even when the run folder is gone.
+    session reproduces their numbers even when the run folder is gone. Each ``variant`` (``arms.PRETRAININGS``)
+    has its own run folder and record (``pretraining-<variant>.json``); a cut pretraining resumes
+    (``runner.run_process``).
     """
-    run_dir = runs / "pretrain" / f"seed{seed}"
-    cmd = pretrain_command(run_dir, seed, quick, data_root)
+    name = f"pretrain-{variant}" if variant else "pretrain"
+    run_dir = runs / name / f"seed{seed}"
+    cmd = pretrain_command(run_dir, seed, quick, data_root, variant)
     # The weights' name carries a hash of the command that made them, and the pretrained arms' commands
     # name the weights: pretraining differently makes every pretrained arm's command (and key) new.
-    record_path = results / "pretraining.json"
+    record_path = results / (f"pretraining-{variant}.json" if variant else "pretraining.json")
     weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
     record = finished(record_path, shlex.join(cmd))
     if record and weights.exists():
@@ -253,7 +257,7 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     torch.save(state, tmp)
     os.replace(tmp, weights)
     record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
-              "wall_s": round(wall, 1),
+              **code_version(), "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
               "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir),
               "date": time.strftime("%Y-%m-%d")}
@@ -519,11 +523,13 @@ def main(argv: list[str] | None = None) -> None:
         check_target(target, args.data_root)
     check_configs(arms, any(a.pretrained for a in arms))
 
-    pretraining = None
-    if any(a.pretrained for a in arms):
-        pretraining = pretrain(results, runs, seeds[0], quick, args.data_root, (os.cpu_count() or 1), args.report_only)
-    if pretraining is None:  # report_only before pretraining finished: its arms are all pending
-        arms = [a for a in arms if not a.pretrained]
+    # every pretraining the plan's arms start from (a pretraining takes all cores unless --threads says otherwise)
+    pretrainings = {variant: pretrain(results, runs, seeds[0], quick, args.data_root, args.threads or os.cpu_count() or 1,
+                                      args.report_only, variant)
+                    for variant in dict.fromkeys(a.pretraining for a in arms if a.pretrained)}
+    # report_only before a pretraining finished: its arms are all pending
+    arms = [a for a in arms if not a.pretrained or pretrainings.get(a.pretraining)]
+    pretraining = pretrainings.get("")
     jobs = []
     for regime in regimes:  # regime-major: both targets' zero-shot and few-shot rows come first
         for target in targets:
@@ -539,7 +545,8 @@ def main(argv: list[str] | None = None) -> None:
                     jobs.append((arm, target, regime, seed, users))
     records = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users, pretraining, quick,
+        futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users,
+                               pretrainings.get(arm.pretraining) if arm.pretrained else pretraining, quick,
                                args.data_root, threads, args.report_only) for arm, target, regime, seed, users in jobs]
         try:
             for future in futures:
