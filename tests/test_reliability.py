@@ -161,3 +161,14 @@ def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninter
     before = (cut / "test_metrics.json").stat().st_mtime_ns
     runner.run_process(command(cut), cut)  # finished: not run again
     assert (cut / "test_metrics.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("every, last_step", [(None, 3), (2, 4)])
+def test_last_checkpoint_every_n_steps_between_validations(tmp_path, tiny_encoder, real_root, monkeypatch, every,
+                                                            last_step):
+    """``--last_every_n_steps`` rewrites last.ckpt between validations (a validation every 3 steps here; the run
+    stops at step 5 without one), so a kill loses at most that many steps instead of a validation interval."""
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", "5", "--test_after_fit", "false",
+          *(["--last_every_n_steps", str(every)] if every else [])])
+    assert torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=True)["global_step"] == last_step

@@ -118,6 +118,9 @@ class UniSRecCLI(LightningCLI):
                             help="test only, for a model with floor_blend tested as it starts (zero-shot): choose the "
                             "floor's weight and decay on these datasets' validation rows (the pretraining sources: a "
                             "zero-shot user has no target labels) before testing (training/floor_blend.py)")
+        parser.add_argument("--last_every_n_steps", type=Optional[PositiveInt], default=None,
+                            help="fit only: also rewrite last.ckpt every this many training steps, so a run whose "
+                            "validations are far apart resumes after a kill with little lost (default: at validations)")
         parser.add_argument("--patience", type=Optional[PositiveInt], default=None,
                             help=f"fit only: validations without a better {MONITOR} before early stopping (default "
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
@@ -148,6 +151,11 @@ class UniSRecCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, FlagPatience):  # an EarlyStopping a YAML adds keeps its own
                     callback.patience = int(patience)  # a plain int: checkpoints load with weights_only
+        every = self.config.fit.get("last_every_n_steps")
+        if every is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ResumingModelCheckpoint):
+                    callback.last_every_n_steps = int(every)
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 

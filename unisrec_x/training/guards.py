@@ -33,8 +33,18 @@ class ResumingModelCheckpoint(ModelCheckpoint):
     deleted (Lightning removes only files inside the current one, and never the one resumed from).
     """
 
+    #: also rewrite ``last.ckpt`` every this many training steps (``--last_every_n_steps``): a run whose
+    #: validations are hours apart (a pretraining with a trained text top on a CPU) then loses minutes to a kill
+    last_every_n_steps: int | None = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.last_every_n_steps and trainer.global_step % self.last_every_n_steps == 0:
+            self._refresh_last(trainer)
 
     # Lightning (2.6) rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so
     # after a validation that does not improve, last.ckpt is stale and a resume loses that work.
