@@ -129,7 +129,8 @@ def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninter
     whole, cut = tmp_path / "whole" / "seed1", tmp_path / "cut" / "seed1"
     runner.run_process(command(whole), whole)
     child = ("import json, sys; from pathlib import Path; from unisrec_x.experiments import runner; "
-             f"runner.code_version = lambda: {code!r}; runner.run_process(json.loads(sys.argv[1]), Path(sys.argv[2]))")
+             f"runner.code_version = lambda: {code!r}; runner.HEARTBEAT_S = 0.5; "
+             "runner.run_process(json.loads(sys.argv[1]), Path(sys.argv[2]))")
     victim = subprocess.Popen([sys.executable, "-c", child, json.dumps(command(cut)), str(cut)], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, step = time.time() + 300, None
@@ -139,6 +140,7 @@ def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninter
             break
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)
+    killed_at = time.time()
     victim.wait()
     while time.time() < deadline:  # the fit (its grandchild, which holds the folder's lock too) is gone as well
         try:
@@ -151,6 +153,10 @@ def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninter
     runner.run_process(command(cut), cut)
     stamp = resume.read_stamp(cut)
     assert stamp["finished"] and len(stamp["parts"]) == 2 and stamp["parts"][1]["resumed_at_step"] >= 6
+    # the cut part's time counts up to the kill (its heartbeats), not only to its log's last line
+    cut_part = stamp["parts"][0]
+    assert killed_at - cut_part["started"] - 2.0 <= cut_part["wall_s"] <= killed_at - cut_part["started"] + 1.0
+    assert stamp["wall_s"] == pytest.approx(sum(p["wall_s"] for p in stamp["parts"]), abs=0.2)
     assert (cut / resume.METRICS_PART.format(1)).is_file()  # the cut part's rows were kept
     assert _metrics(cut) == pytest.approx(_metrics(whole), rel=1e-5)
 

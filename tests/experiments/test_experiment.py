@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -34,14 +35,17 @@ def test_finished_arm_is_reused_and_changed_command_reruns(tmp_path, monkeypatch
     arm = FOUNDATION[0]
     _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05)
     calls = []
-    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished arm"))
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished arm"))
     result = run_arm(arm, 1, tmp_path, False, None)
     assert result["metrics"]["ndcg@10"] == 0.05 and result["wall_s"] == 12.0 and not calls
 
     class Failed:
         returncode = 3
 
-    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+        def wait(self, timeout=None):
+            return self.returncode
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or Failed())
     with pytest.raises(RuntimeError, match="failed"):  # --quick changes the command: the old run is not reused
         run_arm(arm, 1, tmp_path, True, None)
     assert len(calls) == 1
@@ -54,8 +58,11 @@ def test_a_run_made_under_older_defaults_is_not_reused(tmp_path, monkeypatch):
     class Failed:
         returncode = 3
 
+        def wait(self, timeout=None):
+            return self.returncode
+
     calls = []
-    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: calls.append(a) or Failed())
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or Failed())
     with pytest.raises(RuntimeError, match="failed"):  # same command line, other defaults: trained again
         run_arm(arm, 1, tmp_path, False, None)
     assert len(calls) == 1
@@ -66,7 +73,7 @@ def test_a_folder_the_runner_did_not_make_is_refused_untouched(tmp_path, monkeyp
     run_dir = tmp_path / arm.name / "seed1"
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("a user's file")
-    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran into a foreign folder"))
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: pytest.fail("ran into a foreign folder"))
     with pytest.raises(FileExistsError, match="not made by unisrec-x experiment"):
         run_arm(arm, 1, tmp_path, False, None)
     assert (run_dir / "notes.txt").read_text() == "a user's file"
@@ -84,7 +91,7 @@ def test_a_run_folder_in_use_by_another_runner_is_refused(tmp_path, monkeypatch)
     other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:  # another process (a second runner, or a killed runner's still-running child) holds the folder
         assert other.stdout.readline().strip() == "held"
-        monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
+        monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: pytest.fail("ran beside another runner"))
         with pytest.raises(RuntimeError, match="in use by another unisrec-x experiment"):
             run_arm(arm, 1, tmp_path, False, None)
     finally:
@@ -103,7 +110,10 @@ def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeyp
     class Done:
         returncode = 0
 
-    def fake_run(cmd, stdout, **kwargs):
+        def wait(self, timeout=None):
+            return self.returncode
+
+    def fake_popen(cmd, stdout, **kwargs):
         assert not (run_dir / "checkpoints").exists()  # the interrupted run's files went first
         if sys.platform != "win32":  # the child holds the folder's lock too, in case the runner is killed
             assert len(kwargs["pass_fds"]) == 1
@@ -111,7 +121,7 @@ def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeyp
             {"metrics": {"ndcg@10": 0.04}, "fit_seconds": 1.0, "epochs_trained": 1}))
         return Done()
 
-    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
     assert run_arm(arm, 1, tmp_path, False, None)["metrics"]["ndcg@10"] == 0.04
 
 
@@ -122,6 +132,28 @@ def test_summary_and_table_over_seeds(tmp_path):
     assert summary["recall@10"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1)}
     table = markdown_table({"arms": {"a": {"label": "Arm A", "summary": summary, "runs": runs}}})
     assert "| Arm A | 0.2000 ± 0.1000 | 0.1000 ± 0.0500 |" in table and "3/3/3" in table
+
+
+def test_a_cut_parts_time_counts_to_its_last_sign_of_life(tmp_path):
+    """A fit logs at its start and end only, so a kill's time is its last heartbeat or the newest file it wrote
+    (a checkpoint), whichever is later: never its log's last line."""
+    from unisrec_x.experiments import resume
+
+    run_dir = tmp_path / "seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stamp = resume.new_stamp(["unisrec-x", "fit"], {"commit": "a" * 40, "dirty": False})
+    resume.start_part(run_dir, stamp)
+    started = stamp["parts"][0]["started"]
+    for name, after in ((experiment.RUN_LOG, 5), ("checkpoints/last.ckpt", 100), ("metrics.csv", 60)):
+        (run_dir / name).write_text("x")
+        os.utime(run_dir / name, (started + after, started + after))
+    assert resume.cut_part_seconds(run_dir, stamp["parts"][0]) == pytest.approx(100, abs=0.2)
+    resume.heartbeat(run_dir, stamp, 130.0)  # a heartbeat after the checkpoint
+    stamp = resume.read_stamp(run_dir)
+    assert stamp["parts"][0]["alive_s"] == 130.0
+    resume.prepare_resume(run_dir, stamp)
+    assert stamp["parts"][0]["wall_s"] == pytest.approx(130, abs=0.2)
+    assert (run_dir / resume.METRICS_PART.format(1)).is_file()
 
 
 @pytest.mark.parametrize("case", ["same", "other commit", "dirty", "other command", "truncated"])
@@ -149,11 +181,14 @@ def test_a_cut_run_resumes_only_for_the_same_command_on_the_same_clean_code(tmp_
     class Done:
         returncode = 0
 
-    def fake_run(words, stdout, **kwargs):
+        def wait(self, timeout=None):
+            return self.returncode
+
+    def fake_popen(words, stdout, **kwargs):
         given.append(words)
         return Done()
 
-    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
     experiment.run_process(cmd + (["--trainer.max_epochs", "3"] if case == "other command" else []), run_dir)
     resumed = "--ckpt_path" in given[0]
     assert resumed == (case == "same")

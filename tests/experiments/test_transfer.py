@@ -114,12 +114,14 @@ def test_report_only_reports_finished_arms_and_runs_nothing(real_root, tmp_path,
 
 
 def _recording_fit(calls: list):
-    """A stand-in for ``run_process`` that records each command and writes a finished fit's test metrics."""
+    """A stand-in for ``run_process`` that records each command and writes a finished fit's test metrics; each
+    run took (by its stamp, every part of it) 100 s."""
     def fake_run(cmd, run_dir, threads):
         calls.append(cmd)
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.2, "ndcg@50": 0.07}
         (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": metrics, "epochs_trained": 3}))
+        return 100.0
 
     return fake_run
 
@@ -145,7 +147,7 @@ def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_it
     calls, dirs = [], []
     record = _recording_fit(calls)
     monkeypatch.setattr(transfer, "run_process", lambda cmd, run_dir, threads: (dirs.append(run_dir),
-                                                                                record(cmd, run_dir, threads)))
+                                                                                record(cmd, run_dir, threads))[1])
     args = (ARM["sasrec_aligned"], "office", "5%", 1, tmp_path / "results", tmp_path / "runs", tmp_path / "u.txt",
             None, False, None, 1)
     done = run_one(*args)
@@ -156,6 +158,7 @@ def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_it
     assert second[second.index("--model.init_args.pretrained") + 1] == str(dirs[0] / "checkpoints" / "last.ckpt")
     assert dirs[1] == tmp_path / "runs" / "office" / "5pct" / "sasrec_aligned" / "seed1"
     assert done["command"] == " && ".join(map(shlex.join, calls))
+    assert done["wall_s"] == 200.0  # both stages, each by its run's own stamp (a resumed run counts every part)
     assert set(done["configs"]) == {"configs/ctrl/align.yaml", "configs/ctrl/finetune.yaml"}
     assert run_one(*args) == done and len(calls) == 2  # reused by both commands
 
@@ -168,10 +171,10 @@ def test_a_selected_first_stage_hands_its_best_checkpoint_on(tmp_path, monkeypat
 
     def fake_run(cmd, run_dir, threads):
         dirs.append(run_dir)
-        record(cmd, run_dir, threads)
-        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "checkpoints" / "best-epoch=3.ckpt").write_text("best")
         (run_dir / "checkpoints" / "last.ckpt").write_text("last")
+        return record(cmd, run_dir, threads)
 
     monkeypatch.setattr(transfer, "run_process", fake_run)
     run_one(ARM["sasrec_ctrl"], "office", "5%", 1, tmp_path / "results", tmp_path / "runs", tmp_path / "u.txt", None,
@@ -341,7 +344,10 @@ def test_arm_commands_find_their_configs_from_any_folder(tmp_path, monkeypatch):
     class Done:
         returncode = 0
 
-    monkeypatch.setattr(runner.subprocess, "run", lambda args, **kw: seen.append(args) or Done())
+        def wait(self, timeout=None):
+            return self.returncode
+
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda args, **kw: seen.append(args) or Done())
     cmd = arm_command(ARM["sasrec"], "office", "100%", 1, tmp_path / "runs" / "seed1", None, None, False, None)
     runner.run_process(cmd, tmp_path / "runs" / "seed1")
     child = seen[0]
@@ -392,7 +398,7 @@ def test_a_run_folder_held_by_another_runner_is_one_line_and_exit_2(real_root, t
     other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "held"
-        monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: pytest.fail("ran beside another runner"))
+        monkeypatch.setattr(runner.subprocess, "Popen", lambda *a, **k: pytest.fail("ran beside another runner"))
         code, text = _cli_exit(["--targets", "scientific/Scientific", "--regimes", "zero-shot", "--arms", "zero_shot",
                                 "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "runs"),
                                 "--report", str(tmp_path / "out"), "--data_root", str(real_root)], caplog)

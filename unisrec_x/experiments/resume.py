@@ -62,12 +62,27 @@ def checkpoint_step(path: Path) -> int | None:
     return int(state.get("global_step", 0))
 
 
-def prepare_resume(run_dir: Path, stamp: dict, log_file: Path) -> None:
+def heartbeat(run_dir: Path, stamp: dict, elapsed_s: float) -> None:
+    """Note in the stamp how long the running part has run: a kill leaves no other trace of it (a fit writes
+    its log at its start and end only)."""
+    stamp["parts"][-1]["alive_s"] = round(elapsed_s, 1)
+    write_stamp(run_dir, stamp)
+
+
+def cut_part_seconds(run_dir: Path, part: dict) -> float:
+    """How long a part that was cut ran: its last heartbeat, or the newest write in its folder (a checkpoint,
+    a metrics row) if that is later."""
+    newest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p.name != RUN_STAMP),
+                 default=part["started"])
+    return round(max(0.0, part.get("alive_s", 0.0), newest - part["started"]), 1)
+
+
+def prepare_resume(run_dir: Path, stamp: dict) -> None:
     """Set the folder up to resume from its last checkpoint: the interrupted part's time goes into the stamp
-    (its log's last write is when it stopped) and its metrics rows into a part file."""
+    and its metrics rows into a part file."""
     parts = stamp.setdefault("parts", [])
     if parts and "wall_s" not in parts[-1]:
-        parts[-1]["wall_s"] = round(max(0.0, log_file.stat().st_mtime - parts[-1]["started"]), 1)
+        parts[-1]["wall_s"] = cut_part_seconds(run_dir, parts[-1])
     if (run_dir / "metrics.csv").is_file():
         os.replace(run_dir / "metrics.csv", run_dir / METRICS_PART.format(len(parts)))
 

@@ -33,6 +33,8 @@ DEFAULTS_VERSION = 2
 
 #: Every run folder this runner makes starts with this file; a folder without it is not ours to empty.
 RUN_LOG = "stdout.log"
+#: how often a running fit's elapsed time is noted in its run folder's stamp (what a resumed run's wall time counts)
+HEARTBEAT_S = 60.0
 #: The checkout the package runs from: arm commands name their configs relative to it (``configs/...``), so the
 #: command (a result's key) reads the same from any folder while the child gets a path that exists.
 REPO_ROOT = Path(unisrec_x.__file__).resolve().parents[1]
@@ -154,7 +156,7 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
         words = runnable(cmd)
         if step is not None:
             log.info("%s: resuming the cut run from %s (step %d)", run_dir, resume.LAST, step)
-            resume.prepare_resume(run_dir, stamp, run_dir / RUN_LOG)
+            resume.prepare_resume(run_dir, stamp)
             words += ["--ckpt_path", str(run_dir / resume.LAST)]
         else:
             if run_dir.exists() and any(run_dir.iterdir()):
@@ -171,8 +173,19 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         start = time.perf_counter()
         with open(run_dir / RUN_LOG, "a") as handle:
-            proc = subprocess.run([sys.executable, "-m", "unisrec_x.cli", *words[1:]], stdout=handle,
-                                  stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
+            proc = subprocess.Popen([sys.executable, "-m", "unisrec_x.cli", *words[1:]], stdout=handle,
+                                    stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
+            try:
+                while True:
+                    try:
+                        proc.wait(timeout=HEARTBEAT_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        resume.heartbeat(run_dir, stamp, time.perf_counter() - start)
+            except BaseException:  # as subprocess.run does: an interrupted runner leaves no fit behind
+                proc.kill()
+                proc.wait()
+                raise
         if proc.returncode != 0:
             tail = (run_dir / RUN_LOG).read_text().splitlines()[-15:]
             raise ArmFailed(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"

@@ -420,13 +420,15 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
     chosen = {}
     if arm.kind in BASELINES:
         (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
+        wall = time.perf_counter() - start
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
+        wall = 0.0  # every part of every stage: a run resumed across sessions counts the time of each
         for stage in stages[:-1]:
-            run_process(stage, first_stage_dir(runs / where), threads)
+            wall += run_process(stage, first_stage_dir(runs / where), threads)
             if not arm.first_stage_passes:
                 keep_first_stage_best(first_stage_dir(runs / where))
-        run_process(stages[-1], runs / where, threads)
+        wall += run_process(stages[-1], runs / where, threads)
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
         # what the fit was selected on (the sampled users' rows in few-shot regimes), and a carried floor's choice
@@ -434,7 +436,7 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
     record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
               **code_version(), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,
-              "seed": seed, "wall_s": round(time.perf_counter() - start, 1), "epochs": epochs, "peak_rss_mb": peak,
+              "seed": seed, "wall_s": round(wall, 1), "epochs": epochs, "peak_rss_mb": peak,
               "metrics": {k: round(v, 6) for k, v in metrics.items()}}
     atomic_write_bytes(result_path, json.dumps(record, indent=1).encode())
     log.info("%s / %s / %s (seed %d): N@10 %.4f", target, regime, arm.name, seed, metrics["ndcg@10"])
