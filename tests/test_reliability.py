@@ -169,6 +169,41 @@ def test_a_killed_experiment_run_resumes_where_it_was_cut_and_ends_as_an_uninter
     assert (cut / "test_metrics.json").stat().st_mtime_ns == before
 
 
+def test_a_last_checkpoint_on_a_validation_step_keeps_the_best_and_the_test(tmp_path, tiny_encoder, real_root,
+                                                                            monkeypatch):
+    """``--last_every_n_steps`` equal to the validation interval: each validation still saves its best checkpoint
+    and the state after it, so the test runs on the weights validation chose, as without the flag."""
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+
+    def fit(name: str, *extra: str) -> Path:
+        main([*_args(tiny_encoder, real_root, tmp_path / name), "--trainer.max_steps", "13",
+              "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", "v", *extra])
+        return tmp_path / name
+
+    plain, every = fit("plain"), fit("every", "--last_every_n_steps", "3")
+    best = sorted(p.name for p in plain.rglob("best*.ckpt"))
+    assert best and sorted(p.name for p in every.rglob("best*.ckpt")) == best
+    assert _metrics(every) == pytest.approx(_metrics(plain), rel=1e-5)
+    last = torch.load(next(every.rglob("last.ckpt")), weights_only=True)
+    states = [v for k, v in last["callbacks"].items() if k.startswith("ResumingModelCheckpoint")]
+    assert states and states[0]["best_model_path"].endswith(best[-1])  # the last state knows the best
+
+
+def test_weights_kept_every_n_steps_beside_the_best_and_the_last(tmp_path, tiny_encoder, real_root, monkeypatch):
+    """``--keep_every_n_steps``: the weights at steps 3 and 6 stay (what a pretraining's first part buys can be
+    measured later), and the best and last checkpoints are as without it."""
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", "7", "--test_after_fit", "false",
+          "--keep_every_n_steps", "3"])
+    folder = next((tmp_path / "run").rglob("last.ckpt")).parent
+    kept = {p.name: torch.load(p, weights_only=True) for p in folder.glob("step=*.ckpt")}
+    assert sorted(kept) == ["step=3.ckpt", "step=6.ckpt"]
+    assert [kept[name]["global_step"] for name in sorted(kept)] == [3, 6]
+    assert all("optimizer_states" not in state and any(k.startswith("net.") for k in state["state_dict"])
+               for state in kept.values())
+    assert list(folder.glob("best-*.ckpt"))
+
+
 @pytest.mark.parametrize("every, last_step", [(None, 3), (2, 4)])
 def test_last_checkpoint_every_n_steps_between_validations(tmp_path, tiny_encoder, real_root, monkeypatch, every,
                                                             last_step):

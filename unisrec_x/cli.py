@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from unisrec_x.runtime.allocator import fix_mmap_threshold
@@ -121,6 +121,9 @@ class UniSRecCLI(LightningCLI):
         parser.add_argument("--last_every_n_steps", type=Optional[PositiveInt], default=None,
                             help="fit only: also rewrite last.ckpt every this many training steps, so a run whose "
                             "validations are far apart resumes after a kill with little lost (default: at validations)")
+        parser.add_argument("--keep_every_n_steps", type=Optional[PositiveInt], default=None,
+                            help="fit only: keep the weights every this many training steps (checkpoints/step=N.ckpt, "
+                            "never deleted), e.g. to measure what a pretraining's first quarter and half already buy")
         parser.add_argument("--patience", type=Optional[PositiveInt], default=None,
                             help=f"fit only: validations without a better {MONITOR} before early stopping (default "
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
@@ -156,6 +159,10 @@ class UniSRecCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, ResumingModelCheckpoint):
                     callback.last_every_n_steps = int(every)
+        keep = self.config.fit.get("keep_every_n_steps")
+        if keep is not None:
+            self.trainer.callbacks.append(ModelCheckpoint(filename="{step}", every_n_train_steps=int(keep), save_top_k=-1,
+                                                          save_weights_only=True, monitor=None))
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 

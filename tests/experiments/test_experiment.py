@@ -14,11 +14,15 @@ from unisrec_x.experiments import runner as experiment
 from unisrec_x.experiments.foundation import FOUNDATION, arm_command, markdown_table, run_arm, summarise
 
 
+CODE_VERSION = experiment.code_version  # the real one; tests here see a fixed stand-in (below)
+
+
 @pytest.fixture(autouse=True)
-def _known_code_version():
-    """The runner stamps each run folder with the checkout's commit (git, run once per process): asked before
-    the tests below replace ``subprocess.run`` with their stand-ins."""
-    experiment.code_version()
+def _known_code_version(monkeypatch):
+    """The runner asks git for the checkout's commit at each run; the tests below replace ``subprocess.Popen``
+    (the fit's child process) with stand-ins, so git is asked once, first."""
+    code = experiment.code_version()
+    monkeypatch.setattr(experiment, "code_version", lambda: code)
 
 
 def _finish(tmp_path, arm, seed, command, ndcg, defaults=experiment.DEFAULTS_VERSION):
@@ -198,3 +202,27 @@ def test_a_cut_run_resumes_only_for_the_same_command_on_the_same_clean_code(tmp_
     assert stamp["finished"] and len(stamp["parts"]) == (2 if resumed else 1)
     experiment.run_process(cmd + (["--trainer.max_epochs", "3"] if case == "other command" else []), run_dir)
     assert len(given) == (1 if now["dirty"] is False else 2)  # a finished run of clean code is not run again
+
+
+def test_the_code_version_names_the_commit_and_sees_a_changed_or_new_code_file_but_not_results(tmp_path,
+                                                                                                monkeypatch):
+    def git(*words):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", *words], check=True,
+                       capture_output=True)
+
+    for path in ("unisrec_x/model.py", "configs/a.yaml", "results/r.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("v1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(experiment, "REPO_ROOT", tmp_path)
+    clean = CODE_VERSION()
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    (tmp_path / "results" / "r.json").write_text("v2\n")  # a result is not code
+    assert CODE_VERSION() == clean
+    (tmp_path / "unisrec_x" / "new.py").write_text("x = 1\n")  # a new module is (asked afresh, not cached)
+    assert CODE_VERSION() == {**clean, "dirty": True}
+    (tmp_path / "unisrec_x" / "new.py").unlink()
+    (tmp_path / "configs" / "a.yaml").write_text("v2\n")
+    assert CODE_VERSION()["dirty"] is True

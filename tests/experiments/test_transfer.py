@@ -347,6 +347,7 @@ def test_arm_commands_find_their_configs_from_any_folder(tmp_path, monkeypatch):
         def wait(self, timeout=None):
             return self.returncode
 
+    monkeypatch.setattr(runner, "code_version", lambda: {"commit": None, "dirty": None})  # git would meet the stand-in
     monkeypatch.setattr(runner.subprocess, "Popen", lambda args, **kw: seen.append(args) or Done())
     cmd = arm_command(ARM["sasrec"], "office", "100%", 1, tmp_path / "runs" / "seed1", None, None, False, None)
     runner.run_process(cmd, tmp_path / "runs" / "seed1")
@@ -398,6 +399,7 @@ def test_a_run_folder_held_by_another_runner_is_one_line_and_exit_2(real_root, t
     other = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runner, "code_version", lambda: {"commit": None, "dirty": None})
         monkeypatch.setattr(runner.subprocess, "Popen", lambda *a, **k: pytest.fail("ran beside another runner"))
         code, text = _cli_exit(["--targets", "scientific/Scientific", "--regimes", "zero-shot", "--arms", "zero_shot",
                                 "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "runs"),

@@ -45,6 +45,29 @@ def test_cached_states_and_the_top_give_the_full_encoders_vectors(scientific_tex
         assert cosine.min() > 0.9999
 
 
+def test_chunks_by_padded_tokens_cover_every_item_once_and_give_the_same_vectors(scientific_texts, tmp_path):
+    """Items run in chunks of at most ``chunk_tokens`` padded tokens (the longest text alone where it must):
+    how the items are cut changes no vector."""
+    encoder = TextEncoder(PACKAGED_ENCODER, "cls")
+    shape = encoder_shape()
+    flat, offsets = TokenStateCache(PACKAGED_ENCODER, shape.layers - 1, root=tmp_path).get(scientific_texts, "sci")
+    top = _top(shape, 1, "cls", encoder, flat, offsets)
+    lengths = torch.from_numpy(np.diff(np.concatenate([[0], offsets])))
+    order = torch.argsort(lengths, stable=True)
+    for budget in (1, 64, 300, 10**6):
+        top.chunk_tokens = budget
+        chunks = top._chunks(order, lengths[order])
+        assert torch.equal(torch.cat(chunks), order)  # every item once, in order of length
+        assert all(len(c) == 1 or len(c) * int(lengths[c].max()) <= budget for c in chunks)
+        assert len(chunks) == {1: len(order), 10**6: 1}.get(budget, len(chunks)) and (budget > 300 or len(chunks) > 1)
+    top.chunk_tokens = 10**6
+    whole = top.table()
+    top.chunk_tokens = 64
+    np.testing.assert_allclose(top.table().numpy(), whole.numpy(), rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        TextTop(shape.dim, 1, shape.heads, shape.inner_dim, chunk_tokens=0)
+
+
 def test_the_cache_is_reused_and_a_damaged_file_is_rebuilt(scientific_texts, tmp_path, caplog):
     cache = TokenStateCache(PACKAGED_ENCODER, 5, root=tmp_path)
     flat, offsets = cache.get(scientific_texts[:6], "sci")

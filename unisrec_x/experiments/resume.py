@@ -115,5 +115,5 @@ def metrics_rows(run_dir: Path) -> list[dict]:
         if path.is_file():
             with open(path, newline="") as handle:
                 rows += [r for r in csv.DictReader(handle)
-                         if cut is None or not r.get("step") or int(r["step"]) <= cut]
+                         if cut is None or not r.get("step") or int(r["step"]) < cut]
     return rows

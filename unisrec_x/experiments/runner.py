@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import shlex
@@ -57,18 +56,18 @@ class ArmFailed(RuntimeError):
 REFUSALS = (RunFolderBusy, ForeignRunFolder)
 
 
-@functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """The commit of the package's checkout and whether its code or configs differ from it (``dirty``), for
-    every result record: a mean over seeds run on different code must be visible as such. Result files
-    themselves are not code and do not count; outside a git checkout both are ``None``."""
+    """The commit of the package's checkout and whether its code or configs differ from it (``dirty``: a change
+    or a new file), for every result record: a mean over seeds run on different code must be visible as such.
+    Result files themselves are not code and do not count; outside a git checkout both are ``None``. Asked
+    afresh each time (a few ms): a queue of runs outlives a checkout's state."""
     def git(*words: str) -> str:
         return subprocess.run(["git", "-C", str(REPO_ROOT), *words], capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "unisrec_x", "configs", "pyproject.toml"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=normal", "--", "unisrec_x", "configs", "pyproject.toml"))
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}

@@ -79,7 +79,7 @@ class TextTop(nn.Module):
     """The encoder's top layers and pooling, over cached token states (ragged: one run of tokens per item)."""
 
     def __init__(self, dim: int, layers: int, heads: int, inner_dim: int, pooling: str = "cls", eps: float = 1e-12,
-                 dropout: float = 0.1, chunk_items: int = 256) -> None:
+                 dropout: float = 0.1, chunk_tokens: int = 4096) -> None:
         """
         Args:
             dim, heads, inner_dim, eps: the encoder's hidden size, attention heads, feed-forward size and
@@ -87,7 +87,9 @@ class TextTop(nn.Module):
             layers: how many of the encoder's last layers train (``k``).
             pooling: ``cls`` (the first token) or ``mean`` (over non-padding tokens), as the frozen features.
             dropout: BERT's hidden and attention dropout while training.
-            chunk_items: items run at a time, sorted by length so that each chunk pads to little.
+            chunk_tokens: padded tokens run at a time. Items go in order of length, a chunk as many as fit
+                (an item longer than this alone), so a chunk pads to little even where a few texts are
+                long: a fixed count of items padded to its longest ran ~6x the tokens a step needs on Games.
         """
         super().__init__()
         if layers < 1:
@@ -95,7 +97,9 @@ class TextTop(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, inner_dim, eps, dropout) for _ in range(layers))
-        self.pooling, self.chunk_items, self.dim = pooling, chunk_items, dim
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.pooling, self.chunk_tokens, self.dim = pooling, chunk_tokens, dim
         # False until the encoder's own weights (or a checkpoint's) are in: a fit loads them once, a
         # resumed or pretrained start keeps what it loaded
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -136,8 +140,7 @@ class TextTop(nn.Module):
         order = torch.argsort(lengths, stable=True)
         order = order[lengths[order] > 0]
         parts = []
-        for start in range(0, len(order), self.chunk_items):
-            rows = order[start:start + self.chunk_items]
+        for rows in self._chunks(order, lengths[order]):
             length = int(lengths[rows].max())
             steps = torch.arange(length)
             keep = steps < lengths[rows].unsqueeze(1)  # (R, T)
@@ -148,6 +151,17 @@ class TextTop(nn.Module):
             rows = torch.cat([r for r, _ in parts])
             out = out.index_copy(0, rows, torch.cat([v for _, v in parts]))
         return out
+
+    def _chunks(self, order: torch.Tensor, sorted_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """``order`` (rows by ascending length) cut so that each chunk's rows x its longest <= ``chunk_tokens``."""
+        chunks, start, lengths = [], 0, sorted_lengths.tolist()
+        for end, length in enumerate(lengths):
+            if end > start and (end - start + 1) * length > self.chunk_tokens:
+                chunks.append(order[start:end])
+                start = end
+        if start < len(lengths):
+            chunks.append(order[start:])
+        return chunks
 
     def forward(self, states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Padded token states (U, T, dim) with ``keep`` (U, T) -> pooled vectors (U, dim)."""

@@ -44,7 +44,11 @@ class ResumingModelCheckpoint(ModelCheckpoint):
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.last_every_n_steps and trainer.global_step % self.last_every_n_steps == 0:
+            saved_step = self._last_global_step_saved
             self._refresh_last(trainer)
+            # Lightning saves once per step: a validation at this very step (every 300 steps against every 25)
+            # would otherwise keep neither its best checkpoint nor its state in last.ckpt
+            self._last_global_step_saved = saved_step
 
     # Lightning (2.6) rewrites last.ckpt only when a top-k checkpoint was saved at the same step, so
     # after a validation that does not improve, last.ckpt is stale and a resume loses that work.
