@@ -15,7 +15,9 @@ from unisrec_x.experiments.transfer import ARMS, REGIMES, arm_command, run_one, 
 from unisrec_x.experiments.transfer_report import rows_of
 
 #: what the pretrained arms read from a pretraining record
-PRETRAINING = {"weights": "w.pt", "sources": ["games", "toys"]}
+PRETRAINING = {"weights": "w.pt", "sources": ["games", "toys"],
+               "command": "unisrec-x fit --trainer.logger.init_args.save_dir runs/pretrain --trainer.logger.init_args.name "
+                          ". --trainer.logger.init_args.version seed1"}
 
 ARM = {a.name: a for a in ARMS}
 
@@ -525,9 +527,14 @@ def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
                record("100%", "floor", 1, 0.050, 0.03, validation=0.06),
                record("100%", "text_knn", 1, 0.045, 0.04),
                record("100%", "sasrec", 1, 0.054, 0.02),
-               record("100%", "scratch_inductive", 1, 0.052, 0.041)]
+               record("100%", "scratch_inductive", 1, 0.052, 0.041),
+               record("zero-shot", "floor", 1, 0.047, 0.04, validation=0.03, validation_users="all"),
+               record("zero-shot", "zero_shot", 1, 0.040, 0.03, validation_users="all"),
+               # a point of the pretraining curve is no candidate, however it tests
+               record("zero-shot", "zero_shot_tuned1_step225", 1, 0.090, 0.03, validation_users="all")]
     entries = {(e["regime"], e["slice"]): e for e in goals(current_rows(rows_of(records, ARMS)), ARMS, ["t"],
-                                                                ["5%", "100%"])}
+                                                                ["zero-shot", "5%", "100%"])}
+    assert entries[("zero-shot", "all")]["best_arm"] == "zero_shot" and entries[("zero-shot", "all")]["met"] is False
     five = entries[("5%", "all")]
     assert five["floor_arm"] == "floor_mean" and five["best_arm"] == "scratch_text_codes"
     assert five["gap"] == pytest.approx(0.058 / 0.055 - 1, abs=1e-4) and five["met"] is True  # 0.003 > std 0.001
@@ -569,3 +576,19 @@ def test_a_pretraining_variant_has_its_own_command_record_and_arms(real_root, tm
                    "zero_shot_tuned1", "--results", str(tmp_path / "results"), "--report", str(tmp_path / "out"),
                    "--data_root", str(real_root)])
     assert started == ["", "tuned1"]  # each pretraining asked for once; neither finished: both arms pending
+
+
+def test_curve_arms_start_from_the_weights_the_pretraining_kept_at_their_step(tmp_path):
+    """Issue 29 #3's curve: ``zero_shot_tuned1_stepN`` reads ``step=N.ckpt`` from the tuned pretraining's own run
+    folder (named by its record's command)."""
+    run_dir = tmp_path / "runs" / "pretrain-tuned1" / "seed1"
+    cmd = transfer.pretrain_command(run_dir, 1, False, None, "tuned1")
+    assert cmd[cmd.index("--keep_every_n_steps") + 1] == str(arms.TUNED1_CURVE_STEPS[0])
+    record = {"command": shlex.join(cmd), "weights": "w.pt", "sources": ["games", "toys"]}
+    assert transfer.pretraining_run_dir(record) == run_dir
+    curve = [a for a in ARMS if a.name.startswith("zero_shot_tuned1_step")]
+    assert [a.name for a in curve] == [f"zero_shot_tuned1_step{s}" for s in arms.TUNED1_CURVE_STEPS]
+    assert all(a.pretraining == "tuned1" and a.regimes == ("zero-shot",) for a in curve)
+    for arm, step in zip(curve, arms.TUNED1_CURVE_STEPS):
+        words = transfer.from_pretraining(arm.args, record)
+        assert words[words.index("--model.init_args.pretrained") + 1] == str(run_dir / "checkpoints" / f"step={step}.ckpt")

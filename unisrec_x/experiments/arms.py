@@ -32,6 +32,9 @@ class Arm:
     targets: tuple[str, ...] | None = None
     #: which pretraining a pretrained arm starts from (a key of ``PRETRAININGS``)
     pretraining: str = ""
+    #: a candidate for "the best trained arm" of the goals table (not a point of a curve, such as the weights a
+    #: pretraining kept half-way)
+    in_goals: bool = True
 
 
 _PRE = ["--model.init_args.pretrained", "{pretrained}"]
@@ -47,9 +50,11 @@ FLOOR_BLEND = ["--model.init_args.net.init_args.floor_blend", "true"]
 #: command: "" is the frozen encoder's; "tuned1" trains the encoder's last layer with the rest on the sources'
 #: sequences (item-drop views only: a word-drop view swaps in frozen vectors that a trained top replaces)
 #: (its validations are ~2 hours apart on one CPU core: last.ckpt every 25 steps, so a cut run resumes near where it was)
-#: tuned1 keeps its weights every quarter of its ~900 steps: the zero-shot curve against source sequences seen
+#: tuned1 keeps its weights every quarter of its ~900 steps (3 epochs of 302): the zero-shot curve against source
+#: sequences seen (1,024 training targets a step)
+TUNED1_CURVE_STEPS = (225, 450, 675, 900)
 PRETRAININGS = {"": [], "tuned1": [*TEXT_TOP, "--model.init_args.item_drop_view_prob", "1", "--last_every_n_steps", "25",
-                                   "--keep_every_n_steps", "225"]}
+                                   "--keep_every_n_steps", str(TUNED1_CURVE_STEPS[0])]}
 POPULARITY_PRIOR = ["--model.init_args.net.init_args.popularity_prior", "true",
                     "--model.init_args.net.init_args.popularity_weight", "0.43"]
 #: issue 30 (after CTRL): SASRec-ID aligned with a text model (the text arms' architecture over the frozen
@@ -143,6 +148,11 @@ ARMS = [
     Arm("zero_shot_tuned1", "Pretrained with the encoder's last layer trained, zero-shot",
         ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, "--model.init_args.net.init_args.text_top_layers", "1",
          *_PRE], kind="test", pretrained=True, regimes=("zero-shot",), pretraining="tuned1"),
+    # ... and from the weights it kept every quarter of its steps: zero-shot against the source sequences seen
+    *[Arm(f"zero_shot_tuned1_step{step}", f"Pretrained with the encoder's last layer trained, zero-shot, after {step} steps",
+          ["-c", "configs/transfer/zero_shot.yaml", *TEXT_MODEL, "--model.init_args.net.init_args.text_top_layers", "1",
+           "--model.init_args.pretrained", f"{{pretrained_step:{step}}}"], kind="test", pretrained=True,
+          regimes=("zero-shot",), pretraining="tuned1", in_goals=False) for step in TUNED1_CURVE_STEPS],
     Arm("pretrained_text_codes_tuned1", "Pretrained with the encoder's last layer trained, text + codes, all parameters",
         ["-c", "configs/transfer/finetune_transductive.yaml", *TEXT_MODEL, "--model.init_args.freeze_encoder", "false",
          "--model.init_args.net.init_args.use_item_id", "false", "--model.init_args.net.init_args.use_codes", "true",

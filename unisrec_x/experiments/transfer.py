@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import statistics
@@ -105,14 +106,29 @@ def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
 
 
 def from_pretraining(args: list[str], pretraining: dict | None) -> list[str]:
-    """An arm's words with what the pretraining record says filled in: ``{pretrained}`` (its weights) and
-    ``{sources}`` (the datasets it trained on, as a YAML list), so no arm names them itself."""
-    if not any("{pretrained}" in a or "{sources}" in a for a in args):
+    """An arm's words with what the pretraining record says filled in: ``{pretrained}`` (its weights),
+    ``{pretrained_step:N}`` (the weights it kept at step N: ``--keep_every_n_steps``) and ``{sources}`` (the
+    datasets it trained on, as a YAML list), so no arm names them itself."""
+    if not any("{pretrained" in a or "{sources}" in a for a in args):
         return list(args)
     if pretraining is None:
         raise ValueError("this arm starts from the pretraining, and there is none yet")
     sources = "[" + ",".join(pretraining["sources"]) + "]"
-    return [a.replace("{pretrained}", str(pretraining["weights"])).replace("{sources}", sources) for a in args]
+    out = []
+    for word in args:
+        kept = re.fullmatch(r"\{pretrained_step:(\d+)\}", word)
+        if kept:  # a pretraining that stopped before that step fails the fit: "checkpoint not found", naming it
+            word = str(pretraining_run_dir(pretraining) / "checkpoints" / f"step={kept.group(1)}.ckpt")
+        out.append(word.replace("{pretrained}", str(pretraining["weights"])).replace("{sources}", sources))
+    return out
+
+
+def pretraining_run_dir(pretraining: dict) -> Path:
+    """The run folder a pretraining record's command wrote (its logger's save_dir / name / version)."""
+    words = shlex.split(pretraining["command"])
+    value = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--trainer.logger.init_args.")}
+    return (Path(value["--trainer.logger.init_args.save_dir"]) / value.get("--trainer.logger.init_args.name", ".")
+            / value["--trainer.logger.init_args.version"])
 
 
 def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
