@@ -226,3 +226,30 @@ def test_the_code_version_names_the_commit_and_sees_a_changed_or_new_code_file_b
     (tmp_path / "unisrec_x" / "new.py").unlink()
     (tmp_path / "configs" / "a.yaml").write_text("v2\n")
     assert CODE_VERSION()["dirty"] is True
+
+
+def test_a_finished_run_whose_results_were_removed_runs_again(tmp_path, monkeypatch):
+    """A user deletes a finished run's test_metrics.json to have it run again: the runner runs it (it used to
+    take the stamp's word, skip the run and fail on the missing file)."""
+    run_dir, given = tmp_path / "seed1", []
+
+    class Done:
+        returncode = 0
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+    def fake_popen(words, stdout, **kwargs):
+        given.append(words)
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": {"ndcg@10": 0.04}}))
+        return Done()
+
+    monkeypatch.setattr(experiment, "code_version", lambda: {"commit": "a" * 40, "dirty": False})
+    monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
+    cmd = ["unisrec-x", "fit", "--seed_everything", "1"]
+    experiment.run_process(cmd, run_dir)
+    experiment.run_process(cmd, run_dir)
+    assert len(given) == 1  # finished, its results in place: not run again
+    (run_dir / "test_metrics.json").unlink()
+    experiment.run_process(cmd, run_dir)
+    assert len(given) == 2 and (run_dir / "test_metrics.json").is_file()

@@ -96,12 +96,20 @@ def start_part(run_dir: Path, stamp: dict, resumed_at_step: int | None = None) -
 
 
 def finish(run_dir: Path, stamp: dict, wall_s: float) -> float:
-    """Mark the run finished; the wall seconds of all its parts."""
+    """Mark the run finished, with the files it left at the top of its folder (``outputs_present``); the wall
+    seconds of all its parts."""
     stamp["parts"][-1]["wall_s"] = round(wall_s, 1)
     stamp["finished"] = True
+    stamp["outputs"] = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != RUN_STAMP)
     stamp["wall_s"] = round(sum(p.get("wall_s", 0.0) for p in stamp["parts"]), 1)
     write_stamp(run_dir, stamp)
     return stamp["wall_s"]
+
+
+def outputs_present(run_dir: Path, stamp: dict) -> bool:
+    """Whether a finished run's files are all still there: one whose results a user removed (to run it again)
+    runs again instead of failing on the missing file."""
+    return all((run_dir / name).is_file() for name in stamp.get("outputs", []))
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

@@ -147,7 +147,7 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
     with exclusive(run_dir) as lock_fd:
         code = code_version()
         stamp = resume.read_stamp(run_dir) if (run_dir / RUN_LOG).is_file() else None
-        if resume.same_run(stamp, cmd, code) and stamp.get("finished"):
+        if resume.same_run(stamp, cmd, code) and stamp.get("finished") and resume.outputs_present(run_dir, stamp):
             log.info("%s finished before: not run again", run_dir)
             return float(stamp.get("wall_s", 0.0))
         step = (resume.checkpoint_step(run_dir / resume.LAST)
