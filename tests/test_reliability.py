@@ -189,19 +189,71 @@ def test_a_last_checkpoint_on_a_validation_step_keeps_the_best_and_the_test(tmp_
     assert states and states[0]["best_model_path"].endswith(best[-1])  # the last state knows the best
 
 
+def test_a_run_killed_inside_a_validation_on_a_last_checkpoint_step_validates_there_again(
+        tmp_path, tiny_encoder, real_root, monkeypatch):
+    """``--last_every_n_steps 3`` with a validation every 3 steps, the fit cut inside the step-6 validation: the
+    resumed run validates at step 6 again (a last.ckpt written just before that validation made Lightning count
+    it as done), so its validations and test are an uninterrupted run's."""
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+
+    def args(name: str) -> list[str]:
+        return [*_args(tiny_encoder, real_root, tmp_path / name), "--trainer.max_steps", "10", "--last_every_n_steps",
+                "3", "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", "v"]
+
+    def validations(name: str) -> list[tuple[int, float]]:
+        import csv
+
+        rows = []
+        for path in sorted((tmp_path / name / "v").glob("metrics*.csv")):
+            with open(path, newline="") as handle:
+                rows += [(int(r["step"]), float(r["val/ndcg@10"])) for r in csv.DictReader(handle) if r.get("val/ndcg@10")]
+        return sorted(set(rows))
+
+    main(args("whole"))
+    original = SeqRecModule.validation_step
+
+    def cut_at_step_6(self, batch, batch_idx):
+        if self.trainer.global_step == 6:
+            raise KeyboardInterrupt("killed inside the validation at step 6")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SeqRecModule, "validation_step", cut_at_step_6)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(args("cut"))
+    last = tmp_path / "cut" / "v" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] < 6  # the state before the interrupted validation
+    os.replace(tmp_path / "cut" / "v" / "metrics.csv", tmp_path / "cut" / "v" / "metrics.part1.csv")
+    monkeypatch.setattr(SeqRecModule, "validation_step", original)
+    main([*args("cut"), "--ckpt_path", str(last)])
+    assert len(validations("whole")) >= 3 and validations("cut") == validations("whole")
+    assert _metrics(tmp_path / "cut") == pytest.approx(_metrics(tmp_path / "whole"), rel=1e-5)
+
+
 def test_weights_kept_every_n_steps_beside_the_best_and_the_last(tmp_path, tiny_encoder, real_root, monkeypatch):
     """``--keep_every_n_steps``: the weights at steps 3 and 6 stay (what a pretraining's first part buys can be
-    measured later), and the best and last checkpoints are as without it."""
+    measured later) beside the best and last checkpoints; a run cut between last.ckpt and the kept file of the
+    same step writes that kept file when it resumes."""
     monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
-    main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", "7", "--test_after_fit", "false",
-          "--keep_every_n_steps", "3"])
-    folder = next((tmp_path / "run").rglob("last.ckpt")).parent
+
+    def fit(steps: int, *extra: str) -> None:
+        main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", str(steps), "--test_after_fit",
+              "false", "--keep_every_n_steps", "3", "--trainer.logger.init_args.name", ".",
+              "--trainer.logger.init_args.version", "v", *extra])
+
+    fit(6)
+    folder = tmp_path / "run" / "v" / "checkpoints"
     kept = {p.name: torch.load(p, weights_only=True) for p in folder.glob("step=*.ckpt")}
     assert sorted(kept) == ["step=3.ckpt", "step=6.ckpt"]
     assert [kept[name]["global_step"] for name in sorted(kept)] == [3, 6]
     assert all("optimizer_states" not in state and any(k.startswith("net.") for k in state["state_dict"])
                for state in kept.values())
-    assert list(folder.glob("best-*.ckpt"))
+    assert list(folder.glob("best-*.ckpt")) and torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
+    (folder / "step=6.ckpt").unlink()  # as if killed between last.ckpt and it
+    fit(7, "--ckpt_path", str(folder / "last.ckpt"))
+    again = torch.load(folder / "step=6.ckpt", weights_only=True)
+    assert again["global_step"] == 6 and "optimizer_states" not in again
+    for key, value in kept["step=6.ckpt"]["state_dict"].items():
+        assert torch.equal(again["state_dict"][key], value), key
 
 
 @pytest.mark.parametrize("every, last_step", [(None, 3), (2, 4)])

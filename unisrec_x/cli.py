@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from jsonargparse.typing import PositiveInt
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from unisrec_x.runtime.allocator import fix_mmap_threshold
@@ -16,7 +16,7 @@ from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.training.checkpoint import read_state_dict
 from unisrec_x.training.floor_blend import blended_checkpoint, choose_floor_blend_on
-from unisrec_x.training.guards import NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
+from unisrec_x.training.guards import KeptWeights, NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
 from unisrec_x.training.heap import HeapTrim
 from unisrec_x.training.initial import InitialWeights, tested_checkpoint
 from unisrec_x.training.results import TestMetricsWriter
@@ -161,8 +161,8 @@ class UniSRecCLI(LightningCLI):
                     callback.last_every_n_steps = int(every)
         keep = self.config.fit.get("keep_every_n_steps")
         if keep is not None:
-            self.trainer.callbacks.append(ModelCheckpoint(filename="{step}", every_n_train_steps=int(keep), save_top_k=-1,
-                                                          save_weights_only=True, monitor=None))
+            self.trainer.callbacks.append(KeptWeights(filename="{step}", every_n_train_steps=int(keep), save_top_k=-1,
+                                                      save_weights_only=True, monitor=None))
         if self.config.fit.get("select_initial", False):
             self.trainer.callbacks.append(InitialWeights())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
@@ -578,17 +579,37 @@ def test_a_pretraining_variant_has_its_own_command_record_and_arms(real_root, tm
     assert started == ["", "tuned1"]  # each pretraining asked for once; neither finished: both arms pending
 
 
-def test_curve_arms_start_from_the_weights_the_pretraining_kept_at_their_step(tmp_path):
-    """Issue 29 #3's curve: ``zero_shot_tuned1_stepN`` reads ``step=N.ckpt`` from the tuned pretraining's own run
-    folder (named by its record's command)."""
-    run_dir = tmp_path / "runs" / "pretrain-tuned1" / "seed1"
+def test_curve_arms_start_from_the_weights_the_pretraining_kept_at_their_step(tmp_path, monkeypatch):
+    """Issue 29 #3's curve: the weights the tuned pretraining kept (``step=N.ckpt``) are copied beside its weights
+    under its command's hash, also when its record is reused, and ``zero_shot_tuned1_stepN`` starts from them:
+    another pretraining makes other commands for the curve's arms."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    results, runs = Path("results"), Path("runs")
+    run_dir = runs / "pretrain-tuned1" / "seed1"
     cmd = transfer.pretrain_command(run_dir, 1, False, None, "tuned1")
     assert cmd[cmd.index("--keep_every_n_steps") + 1] == str(arms.TUNED1_CURVE_STEPS[0])
-    record = {"command": shlex.join(cmd), "weights": "w.pt", "sources": ["games", "toys"]}
-    assert transfer.pretraining_run_dir(record) == run_dir
+    weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
+    record = {"command": shlex.join(cmd), "defaults": transfer.DEFAULTS_VERSION,
+              "configs": transfer.config_digests(shlex.join(cmd)), "weights": str(weights), "sources": ["games", "toys"]}
+    results.mkdir()
+    (results / "pretraining-tuned1.json").write_text(json.dumps(record))
+    weights.write_bytes(b"best")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for step in (225, 450):
+        torch.save({"state_dict": {"net.w": torch.full((2,), float(step)), "other": torch.ones(1)}, "global_step": step},
+                   run_dir / "checkpoints" / f"step={step}.ckpt")
+    assert transfer.pretrain(results, runs, 1, False, None, 1, True, "tuned1") == record  # report only: nothing written
+    assert not transfer.step_weights(weights, 225).exists()
+    assert transfer.pretrain(results, runs, 1, False, None, 1, False, "tuned1") == record  # reused, steps copied
+    kept = torch.load(transfer.step_weights(weights, 450), weights_only=True)
+    assert list(kept) == ["net.w"] and kept["net.w"][0] == 450
     curve = [a for a in ARMS if a.name.startswith("zero_shot_tuned1_step")]
     assert [a.name for a in curve] == [f"zero_shot_tuned1_step{s}" for s in arms.TUNED1_CURVE_STEPS]
     assert all(a.pretraining == "tuned1" and a.regimes == ("zero-shot",) for a in curve)
     for arm, step in zip(curve, arms.TUNED1_CURVE_STEPS):
         words = transfer.from_pretraining(arm.args, record)
-        assert words[words.index("--model.init_args.pretrained") + 1] == str(run_dir / "checkpoints" / f"step={step}.ckpt")
+        assert words[words.index("--model.init_args.pretrained") + 1] == str(weights.with_name(f"{weights.stem}-step{step}.pt"))
+    other = transfer.from_pretraining(curve[0].args, {**record, "weights": "results/pretrained-0123456789.pt"})
+    assert other != transfer.from_pretraining(curve[0].args, record)

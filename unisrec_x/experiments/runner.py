@@ -180,7 +180,10 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
                         proc.wait(timeout=HEARTBEAT_S)
                         break
                     except subprocess.TimeoutExpired:
-                        resume.heartbeat(run_dir, stamp, time.perf_counter() - start)
+                        try:
+                            resume.heartbeat(run_dir, stamp, time.perf_counter() - start)
+                        except OSError as err:  # a full disk must not kill an hour of training: only its timing
+                            log.warning("%s: cannot note the run's time in %s (%s)", run_dir, resume.RUN_STAMP, err)
             except BaseException:  # as subprocess.run does: an interrupted runner leaves no fit behind
                 proc.kill()
                 proc.wait()

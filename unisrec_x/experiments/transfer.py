@@ -107,7 +107,7 @@ def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
 
 def from_pretraining(args: list[str], pretraining: dict | None) -> list[str]:
     """An arm's words with what the pretraining record says filled in: ``{pretrained}`` (its weights),
-    ``{pretrained_step:N}`` (the weights it kept at step N: ``--keep_every_n_steps``) and ``{sources}`` (the
+    ``{pretrained_step:N}`` (the weights it kept at step N: ``--keep_every_n_steps``, ``step_weights``) and ``{sources}`` (the
     datasets it trained on, as a YAML list), so no arm names them itself."""
     if not any("{pretrained" in a or "{sources}" in a for a in args):
         return list(args)
@@ -118,17 +118,9 @@ def from_pretraining(args: list[str], pretraining: dict | None) -> list[str]:
     for word in args:
         kept = re.fullmatch(r"\{pretrained_step:(\d+)\}", word)
         if kept:  # a pretraining that stopped before that step fails the fit: "checkpoint not found", naming it
-            word = str(pretraining_run_dir(pretraining) / "checkpoints" / f"step={kept.group(1)}.ckpt")
+            word = str(step_weights(Path(pretraining["weights"]), kept.group(1)))
         out.append(word.replace("{pretrained}", str(pretraining["weights"])).replace("{sources}", sources))
     return out
-
-
-def pretraining_run_dir(pretraining: dict) -> Path:
-    """The run folder a pretraining record's command wrote (its logger's save_dir / name / version)."""
-    words = shlex.split(pretraining["command"])
-    value = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--trainer.logger.init_args.")}
-    return (Path(value["--trainer.logger.init_args.save_dir"]) / value.get("--trainer.logger.init_args.name", ".")
-            / value["--trainer.logger.init_args.version"])
 
 
 def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, users: Path | None,
@@ -260,6 +252,8 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
     record = finished(record_path, shlex.join(cmd))
     if record and weights.exists():
+        if not report_only:
+            keep_step_weights(run_dir, weights)
         return record
     if report_only:
         return None
@@ -267,11 +261,8 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     wall = run_process(cmd, run_dir, threads)
     # the best validation on the sources (never a target's test split) picks the checkpoint
     checkpoint = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
-    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, weights)
+    save_net_weights(checkpoint, weights)
+    keep_step_weights(run_dir, weights)
     record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
               **code_version(), "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
@@ -279,6 +270,30 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
               "date": time.strftime("%Y-%m-%d")}
     atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
     return record
+
+
+def save_net_weights(checkpoint: dict, weights: Path) -> None:
+    """The network's weights of a Lightning checkpoint, written atomically (what pretrained arms load)."""
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, weights)
+
+
+def step_weights(weights: Path, step: int | str) -> Path:
+    """Where a pretraining's weights kept at ``step`` go: beside its weights, under the same command hash, so an
+    arm that starts from them names the pretraining that made them (``{pretrained_step:N}``)."""
+    return weights.with_name(f"{weights.stem}-step{step}.pt")
+
+
+def keep_step_weights(run_dir: Path, weights: Path) -> None:
+    """Copy the network weights of each ``step=N.ckpt`` the pretraining kept (``--keep_every_n_steps``) to
+    ``step_weights`` (not committed: results/.gitignore), once."""
+    for path in sorted((run_dir / "checkpoints").glob("step=*.ckpt")):
+        target = step_weights(weights, path.stem.split("=", 1)[1])
+        if not target.exists():
+            save_net_weights(torch.load(path, map_location="cpu", weights_only=True), target)
 
 
 def _config_value(run_dir: Path, key: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,10 +44,11 @@ class ResumingModelCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.last_every_n_steps and trainer.global_step % self.last_every_n_steps == 0:
+        if (self.last_every_n_steps and trainer.global_step % self.last_every_n_steps == 0
+                and not _validates_after_this_batch(trainer)):
             saved_step = self._last_global_step_saved
             self._refresh_last(trainer)
-            # Lightning saves once per step: a validation at this very step (every 300 steps against every 25)
+            # Lightning saves once per step: a validation at this very step (should the test above not know)
             # would otherwise keep neither its best checkpoint nor its state in last.ckpt
             self._last_global_step_saved = saved_step
 
@@ -65,6 +67,30 @@ class ResumingModelCheckpoint(ModelCheckpoint):
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skipped if saved at this step
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class KeptWeights(ModelCheckpoint):
+    """Weights kept every ``every_n_train_steps`` steps, never deleted (``--keep_every_n_steps``). ``last.ckpt``
+    is written a moment before a kept file at the same step; a run killed in between resumes at that step, so
+    the kept file is written then, at the start of the resumed run (its state is exactly that step's)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        step = trainer.global_step
+        if step and self._every_n_train_steps and step % self._every_n_train_steps == 0 and self.dirpath:
+            path = Path(self.format_checkpoint_name({"step": torch.tensor(step)}))
+            if not path.exists():
+                trainer.save_checkpoint(path, weights_only=True)
+
+
+def _validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether a validation follows this training batch (Lightning's own test, private in 2.6). Its save covers
+    the step; a ``last.ckpt`` written just before it would make a run killed during it resume past it (Lightning
+    counts a checkpoint taken at a batch's end as "that step's validation is done")."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except AttributeError:  # another Lightning: save anyway (the step then resumes without that validation)
+        return False
 
 
 class NonFiniteLossError(FloatingPointError):
