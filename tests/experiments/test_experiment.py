@@ -14,6 +14,16 @@ from unisrec_x.experiments import runner as experiment
 from unisrec_x.experiments.foundation import FOUNDATION, arm_command, markdown_table, run_arm, summarise
 
 
+class _Exited:
+    """A stand-in for the fit's child process (``subprocess.Popen``): already exited with ``returncode``."""
+
+    def __init__(self, returncode: int) -> None:
+        self.returncode = returncode
+
+    def wait(self, timeout=None) -> int:
+        return self.returncode
+
+
 CODE_VERSION = experiment.code_version  # the real one; tests here see a fixed stand-in (below)
 
 
@@ -43,13 +53,7 @@ def test_finished_arm_is_reused_and_changed_command_reruns(tmp_path, monkeypatch
     result = run_arm(arm, 1, tmp_path, False, None)
     assert result["metrics"]["ndcg@10"] == 0.05 and result["wall_s"] == 12.0 and not calls
 
-    class Failed:
-        returncode = 3
-
-        def wait(self, timeout=None):
-            return self.returncode
-
-    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or Failed())
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or _Exited(3))
     with pytest.raises(RuntimeError, match="failed"):  # --quick changes the command: the old run is not reused
         run_arm(arm, 1, tmp_path, True, None)
     assert len(calls) == 1
@@ -59,14 +63,8 @@ def test_a_run_made_under_older_defaults_is_not_reused(tmp_path, monkeypatch):
     arm = FOUNDATION[0]
     _finish(tmp_path, arm, 1, arm_command(arm, 1, tmp_path, False, None), 0.05, defaults=experiment.DEFAULTS_VERSION - 1)
 
-    class Failed:
-        returncode = 3
-
-        def wait(self, timeout=None):
-            return self.returncode
-
     calls = []
-    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or Failed())
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda *a, **k: calls.append(a) or _Exited(3))
     with pytest.raises(RuntimeError, match="failed"):  # same command line, other defaults: trained again
         run_arm(arm, 1, tmp_path, False, None)
     assert len(calls) == 1
@@ -111,19 +109,13 @@ def test_an_interrupted_run_of_the_runner_is_cleared_and_rerun(tmp_path, monkeyp
     (run_dir / experiment.RUN_LOG).write_text("killed half-way\n")
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stale")
 
-    class Done:
-        returncode = 0
-
-        def wait(self, timeout=None):
-            return self.returncode
-
     def fake_popen(cmd, stdout, **kwargs):
         assert not (run_dir / "checkpoints").exists()  # the interrupted run's files went first
         if sys.platform != "win32":  # the child holds the folder's lock too, in case the runner is killed
             assert len(kwargs["pass_fds"]) == 1
         (run_dir / "test_metrics.json").write_text(json.dumps(
             {"metrics": {"ndcg@10": 0.04}, "fit_seconds": 1.0, "epochs_trained": 1}))
-        return Done()
+        return _Exited(0)
 
     monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
     assert run_arm(arm, 1, tmp_path, False, None)["metrics"]["ndcg@10"] == 0.04
@@ -182,15 +174,9 @@ def test_a_cut_run_resumes_only_for_the_same_command_on_the_same_clean_code(tmp_
     monkeypatch.setattr(experiment, "code_version", lambda: now)
     given = []
 
-    class Done:
-        returncode = 0
-
-        def wait(self, timeout=None):
-            return self.returncode
-
     def fake_popen(words, stdout, **kwargs):
         given.append(words)
-        return Done()
+        return _Exited(0)
 
     monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
     experiment.run_process(cmd + (["--trainer.max_epochs", "3"] if case == "other command" else []), run_dir)
@@ -233,16 +219,10 @@ def test_a_finished_run_whose_results_were_removed_runs_again(tmp_path, monkeypa
     take the stamp's word, skip the run and fail on the missing file)."""
     run_dir, given = tmp_path / "seed1", []
 
-    class Done:
-        returncode = 0
-
-        def wait(self, timeout=None):
-            return self.returncode
-
     def fake_popen(words, stdout, **kwargs):
         given.append(words)
         (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": {"ndcg@10": 0.04}}))
-        return Done()
+        return _Exited(0)
 
     monkeypatch.setattr(experiment, "code_version", lambda: {"commit": "a" * 40, "dirty": False})
     monkeypatch.setattr(experiment.subprocess, "Popen", fake_popen)
