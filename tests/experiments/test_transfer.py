@@ -306,14 +306,20 @@ def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
     pretraining = json.loads((COMMITTED / "pretraining.json").read_text())
     assert transfer.finished(COMMITTED / "pretraining.json", shlex.join(
         transfer.pretrain_command(runs / "pretrain" / "seed1", 1, False, None))) == pretraining
+    for variant in (v for v in arms.PRETRAININGS if v and (COMMITTED / f"pretraining-{v}.json").exists()):
+        assert transfer.finished(COMMITTED / f"pretraining-{variant}.json", shlex.join(
+            transfer.pretrain_command(runs / f"pretrain-{variant}" / "seed1", 1, False, None, variant))), variant
     files = sorted(COMMITTED.rglob("seed*.json"))
     assert len(files) > 100
     for path in files:
         record = json.loads(path.read_text())
         share = REGIMES[record["regime"]]
         users = transfer.sample_path(record["target"], share, results) if 0 < share < 1 else None
-        where, command, _ = transfer.keyed_command(ARM[record["arm"]], record["target"], record["regime"], record["seed"],
-                                                   runs, users, pretraining, False, None)
+        arm = ARM[record["arm"]]
+        start = (json.loads((COMMITTED / f"pretraining-{arm.pretraining}.json").read_text()) if arm.pretraining
+                 else pretraining)  # each arm's own pretraining (issue 29's variants)
+        where, command, _ = transfer.keyed_command(arm, record["target"], record["regime"], record["seed"],
+                                                   runs, users, start, False, None)
         assert COMMITTED / where.with_suffix(".json") == path and command == record["command"], path
         assert transfer.finished(path, command) == record, path
     # a changed setting is still a new command
