@@ -30,6 +30,12 @@ def _args(tiny_encoder, root, save_dir):
             "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(save_dir)]
 
 
+def _args_in(tiny_encoder, root, save_dir, *extra: str) -> list[str]:
+    """``_args`` logging straight into ``save_dir / "v"`` (checkpoints in ``save_dir/v/checkpoints``)."""
+    return [*_args(tiny_encoder, root, save_dir), "--trainer.logger.init_args.name", ".",
+            "--trainer.logger.init_args.version", "v", *extra]
+
+
 def _metrics(save_dir: Path) -> dict:
     return json.loads(next(save_dir.rglob("test_metrics.json")).read_text())["metrics"]
 
@@ -176,8 +182,7 @@ def test_a_last_checkpoint_on_a_validation_step_keeps_the_best_and_the_test(tmp_
     monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
 
     def fit(name: str, *extra: str) -> Path:
-        main([*_args(tiny_encoder, real_root, tmp_path / name), "--trainer.max_steps", "13",
-              "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", "v", *extra])
+        main(_args_in(tiny_encoder, real_root, tmp_path / name, "--trainer.max_steps", "13", *extra))
         return tmp_path / name
 
     plain, every = fit("plain"), fit("every", "--last_every_n_steps", "3")
@@ -197,8 +202,7 @@ def test_a_run_killed_inside_a_validation_on_a_last_checkpoint_step_validates_th
     monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
 
     def args(name: str) -> list[str]:
-        return [*_args(tiny_encoder, real_root, tmp_path / name), "--trainer.max_steps", "10", "--last_every_n_steps",
-                "3", "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", "v"]
+        return _args_in(tiny_encoder, real_root, tmp_path / name, "--trainer.max_steps", "10", "--last_every_n_steps", "3")
 
     def validations(name: str) -> list[tuple[int, float]]:
         import csv
@@ -236,9 +240,8 @@ def test_weights_kept_every_n_steps_beside_the_best_and_the_last(tmp_path, tiny_
     monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
 
     def fit(steps: int, *extra: str) -> None:
-        main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", str(steps), "--test_after_fit",
-              "false", "--keep_every_n_steps", "3", "--trainer.logger.init_args.name", ".",
-              "--trainer.logger.init_args.version", "v", *extra])
+        main(_args_in(tiny_encoder, real_root, tmp_path / "run", "--trainer.max_steps", str(steps), "--test_after_fit",
+                      "false", "--keep_every_n_steps", "3", *extra))
 
     fit(6)
     folder = tmp_path / "run" / "v" / "checkpoints"

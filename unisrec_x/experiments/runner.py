@@ -175,15 +175,7 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
             proc = subprocess.Popen([sys.executable, "-m", "unisrec_x.cli", *words[1:]], stdout=handle,
                                     stderr=subprocess.STDOUT, env=env, pass_fds=() if lock_fd is None else (lock_fd,))
             try:
-                while True:
-                    try:
-                        proc.wait(timeout=HEARTBEAT_S)
-                        break
-                    except subprocess.TimeoutExpired:
-                        try:
-                            resume.heartbeat(run_dir, stamp, time.perf_counter() - start)
-                        except OSError as err:  # a full disk must not kill an hour of training: only its timing
-                            log.warning("%s: cannot note the run's time in %s (%s)", run_dir, resume.RUN_STAMP, err)
+                _wait_with_heartbeats(proc, run_dir, stamp, start)
             except BaseException:  # as subprocess.run does: an interrupted runner leaves no fit behind
                 proc.kill()
                 proc.wait()
@@ -193,6 +185,20 @@ def run_process(cmd: list[str], run_dir: Path, threads: int | None = None) -> fl
             raise ArmFailed(f"failed (exit {proc.returncode}): {shlex.join(cmd)}\nlast lines of {run_dir / RUN_LOG}:\n"
                             + "\n".join(tail))
         return resume.finish(run_dir, stamp, time.perf_counter() - start)
+
+
+def _wait_with_heartbeats(proc: subprocess.Popen, run_dir: Path, stamp: dict, start: float) -> None:
+    """Wait for the fit, noting its elapsed time in the stamp every ``HEARTBEAT_S`` (``resume.heartbeat``)."""
+    while True:
+        try:
+            proc.wait(timeout=HEARTBEAT_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            resume.heartbeat(run_dir, stamp, time.perf_counter() - start)
+        except OSError as err:  # a full disk must not kill an hour of training: only its timing
+            log.warning("%s: cannot note the run's time in %s (%s)", run_dir, resume.RUN_STAMP, err)
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -47,7 +47,7 @@ def verdict(regime: str, best: dict, floor: dict) -> tuple[float, bool | None]:
 def goals(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str]) -> list[dict]:
     """One entry per (target, regime) of ``rows`` (the current protocol's) that has both a floor and a trained
     arm, and a long-tail entry at 100% (the best trained arm's long tail against text-kNN's)."""
-    kinds = {a.name: a.kind for a in arms if getattr(a, "in_goals", True)}  # a curve's points are not candidates
+    kinds = {a.name: a.kind for a in arms if a.in_goals}  # a curve's points are not candidates
     out = []
     for target in targets:
         for regime in regimes:
