@@ -166,6 +166,28 @@ def test_a_staged_arm_runs_its_first_stage_for_a_fixed_length_and_starts_from_it
     assert run_one(*args) == done and len(calls) == 2  # reused by both commands
 
 
+def test_a_record_names_the_code_its_fits_started_on_not_the_checkout_when_they_end(tmp_path, monkeypatch):
+    """The checkout moves while an arm trains (a queue on a shared worktree): the record keeps the commit in each
+    fit's stamp; stages that started on different commits make a record marked dirty."""
+    from unisrec_x.experiments import resume, runner
+
+    stage_commits = iter(["a" * 40, "b" * 40, "d" * 40])
+    record = _recording_fit([])
+
+    def fit_stamped(cmd, run_dir, threads):
+        out = record(cmd, run_dir, threads)
+        resume.write_stamp(run_dir, resume.new_stamp(cmd, {"commit": next(stage_commits), "dirty": False}))
+        return out
+
+    monkeypatch.setattr(transfer, "run_process", fit_stamped)
+    monkeypatch.setattr(runner, "code_version", lambda: {"commit": "c" * 40, "dirty": False})  # where it ends
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    one_stage = run_one(ARM["sasrec"], "office", "5%", 1, results, runs, tmp_path / "u.txt", None, False, None, 1)
+    assert (one_stage["commit"], one_stage["dirty"]) == ("a" * 40, False)
+    staged = run_one(ARM["sasrec_aligned"], "office", "5%", 1, results, runs, tmp_path / "u.txt", None, False, None, 1)
+    assert (staged["commit"], staged["dirty"]) == ("d" * 40, True)  # stages on b, then d: no one commit made it
+
+
 def test_a_selected_first_stage_hands_its_best_checkpoint_on(tmp_path, monkeypatch):
     """``sasrec_ctrl``: the alignment stops early like any fit, and the fine-tune starts from its best
     checkpoint (copied to a fixed name, so the command is known before the stage runs) with --select_initial."""

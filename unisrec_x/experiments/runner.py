@@ -73,6 +73,22 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def stamped_code(run_dir: Path, fallback: dict) -> dict:
+    """The code a run folder's fit started on, from its stamp (``resume.same_run`` let every resumed part run on
+    that same commit), so a checkout moved while it trained does not rename the result; ``fallback`` (the code
+    asked for before the run) where the folder has no stamp."""
+    stamp = resume.read_stamp(run_dir) or {}
+    return {"commit": stamp["commit"], "dirty": stamp.get("dirty")} if "commit" in stamp else fallback
+
+
+def one_code(codes: list[dict]) -> dict:
+    """The code of a result made by several runs (an arm's stages): theirs where they agree; else the last one's
+    commit, marked ``dirty``, since no single commit made it."""
+    commits = {code["commit"] for code in codes}
+    dirty = None if any(code["dirty"] is None for code in codes) else any(code["dirty"] for code in codes)
+    return {"commit": codes[-1]["commit"], "dirty": True if len(commits) > 1 else dirty}
+
+
 def resolve_config(path: str) -> Path:
     """A ``-c`` file: absolute as given; relative, under the package's checkout when it is there
     (the benchmark's own ``configs/``), else relative to the current folder."""

@@ -31,10 +31,11 @@ import torch
 
 from unisrec_x.errors import DataError
 from unisrec_x.evaluation.baselines import FLOOR_BETAS, FLOOR_DECAYS
+from unisrec_x.experiments import runner
 from unisrec_x.experiments.arms import ARMS, BASELINES, PRETRAININGS, REGIMES, TEXT_MODEL, Arm
 from unisrec_x.experiments.resume import metrics_rows
-from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, code_version, config_paths, positive_int,
-                                          resolve_config, run_process, seed_number)
+from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, config_paths, one_code, positive_int,
+                                          resolve_config, run_process, seed_number, stamped_code)
 from unisrec_x.experiments.transfer_report import load_records, regime_slug, report, slug
 from unisrec_x.runtime.paths import atomic_write_bytes, resolve_data_path
 
@@ -258,13 +259,14 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     if report_only:
         return None
     log.info("pretraining: %s", shlex.join(cmd))
+    code = runner.code_version()
     wall = run_process(cmd, run_dir, threads)
     # the best validation on the sources (never a target's test split) picks the checkpoint
     checkpoint = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
     save_net_weights(checkpoint, weights)
     keep_step_weights(run_dir, weights)
     record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
-              **code_version(), "wall_s": round(wall, 1),
+              **stamped_code(run_dir, code), "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
               "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir),
               "date": time.strftime("%Y-%m-%d")}
@@ -447,25 +449,28 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
     record = finished(result_path, command, regime)
     if record or report_only:
         return record
-    start = time.perf_counter()
-    chosen = {}
+    start, code = time.perf_counter(), runner.code_version()  # a baseline runs on the code imported now
+    codes, chosen = [code], {}
     if arm.kind in BASELINES:
         (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
         wall = time.perf_counter() - start
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
         wall = 0.0  # every part of every stage: a run resumed across sessions counts the time of each
+        codes = []  # the code each stage's fit started on, not the checkout's when the last one ends
         for stage in stages[:-1]:
             wall += run_process(stage, first_stage_dir(runs / where), threads)
+            codes.append(stamped_code(first_stage_dir(runs / where), code))
             if not arm.first_stage_passes:
                 keep_first_stage_best(first_stage_dir(runs / where))
         wall += run_process(stages[-1], runs / where, threads)
+        codes.append(stamped_code(runs / where, code))
         out = json.loads((runs / where / "test_metrics.json").read_text())
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
         # what the fit was selected on (the sampled users' rows in few-shot regimes), and a carried floor's choice
         chosen = {key: out[key] for key in ("best_validation", "floor_blend") if out.get(key)}
     record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
-              **code_version(), "validation_users": validation_users(regime), **chosen,
+              **one_code(codes), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,
               "seed": seed, "wall_s": round(wall, 1), "epochs": epochs, "peak_rss_mb": peak,
               "metrics": {k: round(v, 6) for k, v in metrics.items()}}
