@@ -268,3 +268,26 @@ def test_last_checkpoint_every_n_steps_between_validations(tmp_path, tiny_encode
     main([*_args(tiny_encoder, real_root, tmp_path / "run"), "--trainer.max_steps", "5", "--test_after_fit", "false",
           *(["--last_every_n_steps", str(every)] if every else [])])
     assert torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=True)["global_step"] == last_step
+
+
+def test_a_checkpoint_write_cut_before_its_rename_leaves_the_previous_checkpoint_whole(tmp_path, tiny_encoder,
+                                                                                       real_root, monkeypatch):
+    """A kill while ``last.ckpt`` is rewritten (Lightning's writer copied it in from the temp folder, so a cut copy
+    left a truncated file and the run started over) leaves the previous checkpoint, which still resumes."""
+    from unisrec_x.experiments import resume
+    from unisrec_x.runtime import paths
+
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    main(_args_in(tiny_encoder, real_root, tmp_path / "run", "--trainer.max_steps", "6"))
+    last = tmp_path / "run" / "v" / "checkpoints" / "last.ckpt"
+    before, cut = last.read_bytes(), []
+
+    def killed_before_rename(src, dst):
+        cut.append(dst)
+        raise OSError("killed between the write and the rename")
+
+    monkeypatch.setattr(paths.os, "replace", killed_before_rename)
+    with pytest.raises(OSError, match="killed between"):
+        main(_args_in(tiny_encoder, real_root, tmp_path / "run", "--trainer.max_steps", "12", "--ckpt_path", str(last)))
+    assert cut and str(cut[0]).endswith(".ckpt")  # the write that was cut was a checkpoint's
+    assert last.read_bytes() == before and resume.checkpoint_step(last) == 6

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from jsonargparse.typing import PositiveInt
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -16,7 +18,8 @@ from unisrec_x.data.datamodule import SeqRecDataModule
 from unisrec_x.errors import DataError
 from unisrec_x.training.checkpoint import read_state_dict
 from unisrec_x.training.floor_blend import blended_checkpoint, choose_floor_blend_on
-from unisrec_x.training.guards import KeptWeights, NonFiniteLossError, ResumingModelCheckpoint, RNGStateCheckpoint
+from unisrec_x.training.guards import (AtomicCheckpointIO, KeptWeights, NonFiniteLossError, ResumingModelCheckpoint,
+                                      RNGStateCheckpoint)
 from unisrec_x.training.heap import HeapTrim
 from unisrec_x.training.initial import InitialWeights, tested_checkpoint
 from unisrec_x.training.results import TestMetricsWriter
@@ -128,6 +131,14 @@ class UniSRecCLI(LightningCLI):
                             help=f"fit only: validations without a better {MONITOR} before early stopping (default "
                             f"{PATIENCE}); few-shot runs take few steps per epoch, so a model whose score dips before "
                             "it climbs may need more")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, writing checkpoints whole or not at all (``AtomicCheckpointIO``) unless a user gave a
+        checkpoint plugin of their own."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     @staticmethod
     def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):

@@ -1,14 +1,33 @@
-"""Callbacks that keep long runs trustworthy: exact resume and a stop on non-finite losses."""
+"""Callbacks (and the checkpoint writer) that keep long runs trustworthy: exact resume, checkpoints that are
+whole or absent, and a stop on non-finite losses."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from unisrec_x.runtime.paths import atomic_write_bytes
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a sibling file, syncs it and renames it into place. Lightning's own writer goes
+    through a temporary file under the system's temp folder and *copies* it over when that is another file system,
+    so a kill mid-copy left a truncated ``last.ckpt`` (and an hour-long run started over); a killed write here
+    leaves the previous checkpoint whole and only a ``.<name>.tmp-<pid>`` file beside it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 class RNGStateCheckpoint(pl.Callback):
