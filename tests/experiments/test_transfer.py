@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from unisrec_x.experiments import arms, transfer
+from unisrec_x.experiments import arms, records, transfer
+from unisrec_x.experiments.pretraining import pretrain, pretrain_command, step_weights
 from unisrec_x.experiments.transfer import ARMS, REGIMES, arm_command, run_one, user_sample
 from unisrec_x.experiments.transfer_report import rows_of
 
@@ -252,7 +253,7 @@ COMMITTED = REPO / "results" / "transfer"
 
 def _plan_commands(quick: bool, tmp_path) -> list[list[str]]:
     """Every command the benchmark can build: each arm in each of its regimes, and pretraining."""
-    commands = [transfer.pretrain_command(tmp_path / "pretrain" / "seed1", 1, quick, "/data")]
+    commands = [pretrain_command(tmp_path / "pretrain" / "seed1", 1, quick, "/data")]
     for arm in ARMS:
         for regime in arm.regimes:
             if arm.kind in ("fit", "test"):
@@ -268,7 +269,7 @@ def test_built_commands_state_each_flag_once(tmp_path, quick):
     for cmd in _plan_commands(quick, tmp_path):
         flags = [w for w in cmd if w.startswith("-")]
         assert len(flags) == len(set(flags)), cmd
-    pretraining = transfer.pretrain_command(tmp_path / "seed1", 1, quick, None)
+    pretraining = pretrain_command(tmp_path / "seed1", 1, quick, None)
     epochs = pretraining[pretraining.index("--trainer.max_epochs") + 1]
     assert epochs == ("1" if quick else "3") and ("--trainer.max_steps" in pretraining) == quick
 
@@ -317,7 +318,7 @@ def test_slugs_tell_every_target_apart_and_keep_the_committed_folders():
 def test_renamed_modules_agree_with_the_cli():
     from unisrec_x.cli import RENAMED_MODULES
 
-    assert transfer.RENAMED_MODULES == RENAMED_MODULES
+    assert records.RENAMED_MODULES == RENAMED_MODULES
 
 
 def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
@@ -326,11 +327,11 @@ def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results, runs = Path("results/transfer"), Path("runs/experiments/transfer")  # as the committed commands name them
     pretraining = json.loads((COMMITTED / "pretraining.json").read_text())
-    assert transfer.finished(COMMITTED / "pretraining.json", shlex.join(
-        transfer.pretrain_command(runs / "pretrain" / "seed1", 1, False, None))) == pretraining
+    assert records.finished(COMMITTED / "pretraining.json", shlex.join(
+        pretrain_command(runs / "pretrain" / "seed1", 1, False, None))) == pretraining
     for variant in (v for v in arms.PRETRAININGS if v and (COMMITTED / f"pretraining-{v}.json").exists()):
-        assert transfer.finished(COMMITTED / f"pretraining-{variant}.json", shlex.join(
-            transfer.pretrain_command(runs / f"pretrain-{variant}" / "seed1", 1, False, None, variant))), variant
+        assert records.finished(COMMITTED / f"pretraining-{variant}.json", shlex.join(
+            pretrain_command(runs / f"pretrain-{variant}" / "seed1", 1, False, None, variant))), variant
     files = sorted(COMMITTED.rglob("seed*.json"))
     assert len(files) > 100
     for path in files:
@@ -343,20 +344,20 @@ def test_committed_results_are_reused_by_todays_commands(tmp_path, monkeypatch):
         where, command, _ = transfer.keyed_command(arm, record["target"], record["regime"], record["seed"],
                                                    runs, users, start, False, None)
         assert COMMITTED / where.with_suffix(".json") == path and command == record["command"], path
-        assert transfer.finished(path, command) == record, path
+        assert records.finished(path, command) == record, path
     # a changed setting is still a new command
-    assert not transfer.same_configs({"configs/scientific/sasrec.yaml": "e6208a829a62f420"},
+    assert not records.same_configs({"configs/scientific/sasrec.yaml": "e6208a829a62f420"},
                                      "unisrec-x fit -c configs/scientific/unisrec_inductive.yaml")
 
 
 def test_a_config_whose_meaning_changes_is_not_reused(tmp_path):
     config = tmp_path / "arm.yaml"
     config.write_text("# a comment\nmodel: {class_path: unisrec_x.lit.module.SeqRecModule}\n")
-    before = transfer.config_digest(config)
+    before = records.config_digest(config)
     config.write_text("model:\n  class_path: unisrec_x.training.module.SeqRecModule  # moved, same class\n")
-    assert transfer.config_digest(config) == before
+    assert records.config_digest(config) == before
     config.write_text("model: {class_path: unisrec_x.training.module.SeqRecModule, init_args: {lr: 2}}\n")
-    assert transfer.config_digest(config) != before
+    assert records.config_digest(config) != before
 
 
 def test_arm_commands_find_their_configs_from_any_folder(tmp_path, monkeypatch):
@@ -589,8 +590,8 @@ def test_arms_read_the_pretrainings_weights_and_sources_from_its_record(tmp_path
 def test_a_pretraining_variant_has_its_own_command_record_and_arms(real_root, tmp_path, monkeypatch):
     """Issue 29 #3: the encoder's last layer pretrained on the sources is a pretraining of its own (command, run
     folder, record, weights), its arms start from it and no other, and no variant reads a target's data."""
-    plain = transfer.pretrain_command(tmp_path / "pretrain" / "seed1", 1, False, None)
-    tuned = transfer.pretrain_command(tmp_path / "pretrain-tuned1" / "seed1", 1, False, None, "tuned1")
+    plain = pretrain_command(tmp_path / "pretrain" / "seed1", 1, False, None)
+    tuned = pretrain_command(tmp_path / "pretrain-tuned1" / "seed1", 1, False, None, "tuned1")
     assert tuned[tuned.index("--model.init_args.net.init_args.text_top_layers") + 1] == "1"
     assert "--model.init_args.net.init_args.text_top_layers" not in plain
     for variant, flags in arms.PRETRAININGS.items():
@@ -616,11 +617,11 @@ def test_curve_arms_start_from_the_weights_the_pretraining_kept_at_their_step(tm
     monkeypatch.chdir(tmp_path)
     results, runs = Path("results"), Path("runs")
     run_dir = runs / "pretrain-tuned1" / "seed1"
-    cmd = transfer.pretrain_command(run_dir, 1, False, None, "tuned1")
+    cmd = pretrain_command(run_dir, 1, False, None, "tuned1")
     assert cmd[cmd.index("--keep_every_n_steps") + 1] == str(arms.TUNED1_CURVE_STEPS[0])
     weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
     record = {"command": shlex.join(cmd), "defaults": transfer.DEFAULTS_VERSION,
-              "configs": transfer.config_digests(shlex.join(cmd)), "weights": str(weights), "sources": ["games", "toys"]}
+              "configs": records.config_digests(shlex.join(cmd)), "weights": str(weights), "sources": ["games", "toys"]}
     results.mkdir()
     (results / "pretraining-tuned1.json").write_text(json.dumps(record))
     weights.write_bytes(b"best")
@@ -628,10 +629,10 @@ def test_curve_arms_start_from_the_weights_the_pretraining_kept_at_their_step(tm
     for step in (225, 450):
         torch.save({"state_dict": {"net.w": torch.full((2,), float(step)), "other": torch.ones(1)}, "global_step": step},
                    run_dir / "checkpoints" / f"step={step}.ckpt")
-    assert transfer.pretrain(results, runs, 1, False, None, 1, True, "tuned1") == record  # report only: nothing written
-    assert not transfer.step_weights(weights, 225).exists()
-    assert transfer.pretrain(results, runs, 1, False, None, 1, False, "tuned1") == record  # reused, steps copied
-    kept = torch.load(transfer.step_weights(weights, 450), weights_only=True)
+    assert pretrain(results, runs, 1, False, None, 1, True, "tuned1") == record  # report only: nothing written
+    assert not step_weights(weights, 225).exists()
+    assert pretrain(results, runs, 1, False, None, 1, False, "tuned1") == record  # reused, steps copied
+    kept = torch.load(step_weights(weights, 450), weights_only=True)
     assert list(kept) == ["net.w"] and kept["net.w"][0] == 450
     curve = [a for a in ARMS if a.name.startswith("zero_shot_tuned1_step")]
     assert [a.name for a in curve] == [f"zero_shot_tuned1_step{s}" for s in arms.TUNED1_CURVE_STEPS]

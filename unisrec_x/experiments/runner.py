@@ -104,6 +104,18 @@ def config_paths(cmd: list[str]) -> list[str]:
     return [cmd[i + 1] for i, word in enumerate(cmd[:-1]) if word in ("-c", "--config")]
 
 
+def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
+    """``words`` with each of ``flags`` set once: a flag already there takes the new value in place, others are
+    appended. A command states each setting once, so what it means never hangs on "the last one wins"."""
+    out = list(words)
+    for flag, value in flags.items():
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
 def runnable(cmd: list[str]) -> list[str]:
     """``cmd`` with its config files resolved (``resolve_config``): what the child process is given."""
     out = list(cmd)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ import random
 import re
 import shlex
 import shutil
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,21 +30,18 @@ import torch
 from unisrec_x.errors import DataError
 from unisrec_x.evaluation.baselines import FLOOR_BETAS, FLOOR_DECAYS
 from unisrec_x.experiments import runner
-from unisrec_x.experiments.arms import ARMS, BASELINES, PRETRAININGS, REGIMES, TEXT_MODEL, Arm
-from unisrec_x.experiments.resume import metrics_rows
+from unisrec_x.experiments.arms import ARMS, BASELINES, REGIMES, Arm
+from unisrec_x.experiments.pretraining import (PRETRAIN_ARGS, QUICK_PRETRAIN_FLAGS, best_checkpoint, pretrain,
+                                               step_weights)
+from unisrec_x.experiments.records import config_digests, finished, validation_users
 from unisrec_x.experiments.runner import (DEFAULTS_VERSION, REPO_ROOT, config_paths, one_code, positive_int,
-                                          resolve_config, run_process, seed_number, stamped_code)
+                                          resolve_config, run_process, seed_number, stamped_code, with_flags)
 from unisrec_x.experiments.transfer_report import load_records, regime_slug, report, slug
 from unisrec_x.runtime.paths import atomic_write_bytes, resolve_data_path
 
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ["scientific/Scientific", "office"]
 LONG_TAIL_MAX_COUNT = 5
-PRETRAIN_ARGS = ["-c", "configs/pretrain/pretrain.yaml", *TEXT_MODEL]
-PRETRAIN_FLAGS = {"--trainer.max_epochs": "3", "--trainer.val_check_interval": "300"}
-#: --quick pretraining: these values replace the full ones (each flag once in the command)
-QUICK_PRETRAIN_FLAGS = {"--trainer.max_epochs": "1", "--trainer.max_steps": "40", "--trainer.val_check_interval": "20",
-                        "--data.max_users": "1500", "--data.batch_size": "512"}
 #: the CLI's default max_epochs (cli.trainer_defaults), stretched by the validation interval in few-shot regimes
 MAX_EPOCHS = 300
 #: --quick (the README's main job, ~15 minutes on 2 cores with the set-up): the first QUICK_USERS users of one
@@ -94,18 +89,6 @@ def validation_interval(regime: str) -> int:
     return round(1 / share) if share > 0 else 1
 
 
-def with_flags(words: list[str], flags: dict[str, str]) -> list[str]:
-    """``words`` with each of ``flags`` set once: a flag already there takes the new value in place, others are
-    appended. A command states each setting once, so what it means never hangs on "the last one wins"."""
-    out = list(words)
-    for flag, value in flags.items():
-        if flag in out:
-            out[out.index(flag) + 1] = value
-        else:
-            out += [flag, value]
-    return out
-
-
 def from_pretraining(args: list[str], pretraining: dict | None) -> list[str]:
     """An arm's words with what the pretraining record says filled in: ``{pretrained}`` (its weights),
     ``{pretrained_step:N}`` (the weights it kept at step N: ``--keep_every_n_steps``, ``step_weights``) and ``{sources}`` (the
@@ -146,177 +129,6 @@ def arm_command(arm: Arm, target: str, regime: str, seed: int, run_dir: Path, us
     if data_root:
         flags["--data.data_root"] = data_root
     return with_flags(cmd, flags)
-
-
-#: Class paths moved by the issue-27 layout (``unisrec_x.cli.RENAMED_MODULES``, which experiments/ may not import;
-#: a test keeps the two equal): a config naming either path means the same.
-RENAMED_MODULES = {"unisrec_x.lit": "unisrec_x.training", "unisrec_x.lit.module": "unisrec_x.training.module",
-                   "unisrec_x.lit.pretrain": "unisrec_x.training.pretrain"}
-#: Results recorded before config digests were of the configs' meaning carry the sha256 of the file's bytes as it
-#: was then (before the layout moved its class path and a comment): each such digest -> the meaning digest of that
-#: very file. A record is reused while the config still means that.
-LEGACY_CONFIG_DIGESTS = {
-    "0c0797736c8c6939": "78fb9c9b69ad6b5c",  # configs/pretrain/pretrain.yaml
-    "e6208a829a62f420": "5ee902c4629505b6",  # configs/scientific/sasrec.yaml
-    "60cc23fe79396974": "6a051a2877dcde93",  # configs/scientific/unisrec_inductive.yaml
-    "ea9b70c95664e5a6": "1be398dcb478b036",  # configs/scientific/unisrec_text_codes.yaml
-    "9a90950ea1d929e4": "75b92ddaeb8494f9",  # configs/scientific/unisrec_transductive.yaml
-    "2dea0d2c1e1e6ea5": "d01dd9e23e9e502a",  # configs/transfer/finetune_inductive.yaml
-    "220c98fa57286079": "6485829b37f41f8a",  # configs/transfer/finetune_transductive.yaml
-    "36f0cd0c725c7b2f": "08ebceb8f2ce9fe7",  # configs/transfer/zero_shot.yaml
-}
-
-
-def _canonical(node):
-    """A parsed config with every class path under its current module."""
-    if isinstance(node, dict):
-        return {k: _current_class_path(v) if k == "class_path" and isinstance(v, str) else _canonical(v)
-                for k, v in node.items()}
-    return [_canonical(v) for v in node] if isinstance(node, list) else node
-
-
-def _current_class_path(path: str) -> str:
-    module, _, name = path.rpartition(".")
-    return f"{RENAMED_MODULES.get(module, module)}.{name}"
-
-
-def config_digest(path: Path) -> str:
-    """What a config file means, hashed: its parsed YAML with class paths made current, so a comment or a moved
-    module leaves it alone while any changed setting changes it."""
-    import yaml
-
-    meaning = _canonical(yaml.safe_load(path.read_text(encoding="utf-8")))
-    return hashlib.sha256(json.dumps(meaning, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def config_digests(command: str) -> dict[str, str]:
-    """The meaning digest of each config file a command reads (``-c FILE``, found by ``runner.resolve_config``):
-    editing a config changes what the same command line means, so it must not reuse results made under the old one."""
-    files = {f: resolve_config(f) for f in config_paths(shlex.split(command))}
-    return {f: config_digest(path) for f, path in files.items() if path.is_file()}
-
-
-def same_configs(recorded: dict | None, command: str) -> bool:
-    """A record's config digests against today's files, legacy byte digests through ``LEGACY_CONFIG_DIGESTS``."""
-    if recorded is None:
-        return False
-    now = config_digests(command)
-    return recorded.keys() == now.keys() and all(
-        digest == now[f] or LEGACY_CONFIG_DIGESTS.get(digest) == now[f] for f, digest in recorded.items())
-
-
-def validation_users(regime: str) -> str:
-    """Whose validation rows select a fit (early stopping, ``--select_initial``) and the floor's knobs: a
-    few-shot user has only the sampled users' labels (issue 28; ``--data.valid_users train_users``), a
-    full-data user everyone's. Records made before issue 28 validated few-shot fits on all users."""
-    return "sampled" if 0 < REGIMES.get(regime, 1.0) < 1 else "all"
-
-
-def finished(path: Path, command: str, regime: str | None = None) -> dict | None:
-    """A result file made by exactly this command, under today's defaults, config files and validation
-    protocol, else ``None``."""
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    same = (record.get("command") == command and record.get("defaults") == DEFAULTS_VERSION
-            and same_configs(record.get("configs"), command)
-            and (regime is None or record.get("validation_users", "all") == validation_users(regime)))
-    return record if same else None
-
-
-def pretrain_command(run_dir: Path, seed: int, quick: bool, data_root: str | None, variant: str = "") -> list[str]:
-    """The pretraining command: the full settings, or the quick ones in their place; a ``variant`` (one of
-    ``arms.PRETRAININGS``) adds its flags."""
-    cmd = with_flags(["unisrec-x", "fit", *PRETRAIN_ARGS, *PRETRAININGS[variant]], PRETRAIN_FLAGS)
-    cmd = with_flags(cmd, QUICK_PRETRAIN_FLAGS) if quick else cmd
-    cmd += ["--seed_everything", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir.parent),
-            "--trainer.logger.init_args.name", ".", "--trainer.logger.init_args.version", run_dir.name,
-            "--trainer.enable_progress_bar", "false"]
-    return with_flags(cmd, {"--data.data_root": data_root} if data_root else {})
-
-
-def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str | None, threads: int,
-             report_only: bool = False, variant: str = "") -> dict | None:
-    """Pretrain once (or reuse the recorded run) and keep its weights beside the results.
-
-    The weights (``pretrained.pt``, the network only) are what the pretrained arms load, so a later
-    session reproduces their numbers even when the run folder is gone. Each ``variant`` (``arms.PRETRAININGS``)
-    has its own run folder and record (``pretraining-<variant>.json``); a cut pretraining resumes
-    (``runner.run_process``).
-    """
-    name = f"pretrain-{variant}" if variant else "pretrain"
-    run_dir = runs / name / f"seed{seed}"
-    cmd = pretrain_command(run_dir, seed, quick, data_root, variant)
-    # The weights' name carries a hash of the command that made them, and the pretrained arms' commands
-    # name the weights: pretraining differently makes every pretrained arm's command (and key) new.
-    record_path = results / (f"pretraining-{variant}.json" if variant else "pretraining.json")
-    weights = results / f"pretrained-{hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:10]}.pt"
-    record = finished(record_path, shlex.join(cmd))
-    if record and weights.exists():
-        if not report_only:
-            keep_step_weights(run_dir, weights)
-        return record
-    if report_only:
-        return None
-    log.info("pretraining: %s", shlex.join(cmd))
-    code = runner.code_version()
-    wall = run_process(cmd, run_dir, threads)
-    # the best validation on the sources (never a target's test split) picks the checkpoint
-    checkpoint = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
-    save_net_weights(checkpoint, weights)
-    keep_step_weights(run_dir, weights)
-    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
-              **stamped_code(run_dir, code), "wall_s": round(wall, 1),
-              "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
-              "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir),
-              "date": time.strftime("%Y-%m-%d")}
-    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
-    return record
-
-
-def save_net_weights(checkpoint: dict, weights: Path) -> None:
-    """The network's weights of a Lightning checkpoint, written atomically (what pretrained arms load)."""
-    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, weights)
-
-
-def step_weights(weights: Path, step: int | str) -> Path:
-    """Where a pretraining's weights kept at ``step`` go: beside its weights, under the same command hash, so an
-    arm that starts from them names the pretraining that made them (``{pretrained_step:N}``)."""
-    return weights.with_name(f"{weights.stem}-step{step}.pt")
-
-
-def keep_step_weights(run_dir: Path, weights: Path) -> None:
-    """Copy the network weights of each ``step=N.ckpt`` the pretraining kept (``--keep_every_n_steps``) to
-    ``step_weights`` (not committed: results/.gitignore), once."""
-    for path in sorted((run_dir / "checkpoints").glob("step=*.ckpt")):
-        target = step_weights(weights, path.stem.split("=", 1)[1])
-        if not target.exists():
-            save_net_weights(torch.load(path, map_location="cpu", weights_only=True), target)
-
-
-def _config_value(run_dir: Path, key: str):
-    import yaml
-
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return config["data"][key]
-
-
-def _curve(run_dir: Path) -> list[dict]:
-    """Training loss (mean since the previous point) and source validation N@10 at each validation (of every
-    part of a resumed run)."""
-    rows, losses = [], []
-    for row in metrics_rows(run_dir):
-        if row.get("train/loss"):
-            losses.append(float(row["train/loss"]))
-        if row.get("val/ndcg@10"):
-            rows.append({"step": int(row["step"]) + 1, "train_loss": round(statistics.fmean(losses), 4) if losses else None,
-                         "val_ndcg@10": round(float(row["val/ndcg@10"]), 5)})
-            losses = []
-    return rows
 
 
 def baseline(arm: Arm, target: str, regime: str, users: Path | None, quick: bool, data_root: str | None,
@@ -419,12 +231,6 @@ def first_stage_checkpoint(arm: Arm, stage_dir: Path) -> Path:
     """What the arm's fit starts from: a fixed-length first stage's last checkpoint, else its best on
     validation, copied to this fixed name once the stage has run (``keep_first_stage_best``)."""
     return stage_dir / "checkpoints" / ("last.ckpt" if arm.first_stage_passes else "selected.ckpt")
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """A fit's checkpoint that its validation chose (``best-*.ckpt``), its last where none was kept."""
-    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
-    return best[-1] if best else run_dir / "checkpoints" / "last.ckpt"
 
 
 def keep_first_stage_best(stage_dir: Path) -> None:
