@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from unisrec_x.experiments.records import validation_users
 from unisrec_x.experiments.runner import REPORTED, summarise
 from unisrec_x.experiments.transfer_goals import goals, goals_markdown
 from unisrec_x.runtime.paths import atomic_write_bytes
@@ -106,19 +107,19 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
 
 def current_rows(rows: list[dict]) -> list[dict]:
     """The rows of today's validation protocol (few-shot: the sampled users'; otherwise every user's)."""
-    return [r for r in rows if r["validation_users"] == ("sampled" if r["regime"] in ("5%", "20%") else "all")]
+    return [r for r in rows if r["validation_users"] == validation_users(r["regime"])]
 
 
-def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int) -> str:
+def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str], max_count: int,
+             entries: list[dict]) -> str:
     """Per target and slice: arms down (in ``arms``' order), regimes across, N@10 (mean ± std over seeds); rows
-    of the current validation protocol, the goals against the floor, then any few-shot rows of the earlier
-    protocol in their own tables."""
+    of the current validation protocol, the goals against the floor (``entries``, of ``transfer_goals.goals``),
+    then any few-shot rows of the earlier protocol in their own tables."""
     current = current_rows(rows)
     earlier = [r for r in rows if r not in current]
     out = _tables(current, arms, targets, regimes, max_count, "")
     if any(r["mixed_commits"] for r in current):
         out.append("† seeds made by different commits of the package (or by an unknown one, before records named it).\n")
-    entries = goals(current, arms, targets, regimes)
     if entries:
         out.append(goals_markdown(entries, arms))
     if earlier:
@@ -176,14 +177,15 @@ def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], tar
     """``transfer.json`` (rows + the pretraining record), ``transfer.md`` and one plot per target; ``note`` (what
     a reduced run is) heads the printed and written tables, so they are not read as the full benchmark's."""
     rows = rows_of(records, arms)
+    entries = goals(current_rows(rows), arms, targets, regimes)
     atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
         {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
          "protocol": {"validation_users": PROTOCOLS, "current": {"zero-shot": "all", "5%": "sampled", "20%": "sampled",
                                                                   "100%": "all"}},
-         "long_tail_max_count": max_count, "rows": rows, "goals": goals(current_rows(rows), arms, targets, regimes),
+         "long_tail_max_count": max_count, "rows": rows, "goals": entries,
          "pretraining": pretraining,
          **({"note": note} if note else {})}, indent=1).encode())
-    table = markdown(rows, arms, targets, regimes, max_count)
+    table = markdown(rows, arms, targets, regimes, max_count, entries)
     if note:
         table = f"{note}\n\n{table}"
     atomic_write_bytes(out / f"transfer{suffix}.md", (table + "\n").encode())
