@@ -127,6 +127,30 @@ def test_gradients_reach_the_top_only_through_the_fresh_items(tiny_encoder, scie
     assert torch.equal(net.item_features[0], table_before[0])  # padding stays zero
 
 
+def test_straight_through_reads_the_tables_values_and_passes_the_fresh_gradients(tiny_encoder, scientific_texts,
+                                                                               tmp_path):
+    """``straight_through``: a stale table (the top has moved since it was computed) gives the step's values, so the
+    fresh items look like every other; the top's gradients are the fresh path's at those values, not zero."""
+    net = _tiny_net(tiny_encoder, scientific_texts[:10], tmp_path)
+    net.eval()  # no dropout: the two blocks below run the top on the same values
+    with torch.no_grad():  # the top moves on after the refresh: its fresh vectors are not the table's any more
+        for param in net.text_top.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ids, stale = torch.tensor([4, 6]), net.item_features.clone()
+    with net.fresh_text(ids, straight_through=True):
+        features = net._fresh_features
+        torch.testing.assert_close(features, stale)  # every item's value is the table's
+        (features[ids] * torch.arange(1.0, 1 + features.shape[1])).sum().backward()
+    through = [p.grad.clone() for p in net.text_top.parameters()]
+    net.zero_grad()
+    with net.fresh_text(ids):
+        assert not torch.allclose(net._fresh_features[ids], stale[ids])  # the plain block's values are fresh
+        (net._fresh_features[ids] * torch.arange(1.0, 1 + stale.shape[1])).sum().backward()
+    for a, b in zip(through, (p.grad for p in net.text_top.parameters())):  # a linear loss: the same gradient
+        torch.testing.assert_close(a, b)
+    assert sum(float(g.abs().sum()) for g in through) > 0
+
+
 def test_a_text_top_needs_text_and_a_positive_depth():
     with pytest.raises(ValueError, match="text_top_layers"):
         UniSRec(num_items=3, plm_dim=8, hidden_dim=4, n_heads=2, use_text=False, use_item_id=True, text_top_layers=1)

@@ -211,14 +211,19 @@ class UniSRec(nn.Module):
         self.set_item_features(self.text_top.table())
 
     @contextlib.contextmanager
-    def fresh_text(self, ids: torch.Tensor | None) -> Iterator[None]:
+    def fresh_text(self, ids: torch.Tensor | None, straight_through: bool = False) -> Iterator[None]:
         """Inside the block, the items ``ids`` (unique) get their text vectors from the top, with gradients;
-        every other item reads the table. Without a text top (or ``ids`` None) the block runs as it is."""
+        every other item reads the table. ``straight_through``: their values stay the table's, only the top's
+        gradients pass (fresh and stale items cannot be told apart by value). Without a text top (or ``ids``
+        None) the block runs as it is."""
         if self.text_top is None or ids is None:
             yield
             return
         ids = ids.to(self.item_features.device)
-        self._fresh_features = self.item_features.index_copy(0, ids, self.text_top.encode(ids).to(self.item_features))
+        fresh = self.text_top.encode(ids).to(self.item_features)
+        if straight_through:
+            fresh = self.item_features[ids] + (fresh - fresh.detach())
+        self._fresh_features = self.item_features.index_copy(0, ids, fresh)
         try:
             yield
         finally:

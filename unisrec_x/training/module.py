@@ -27,6 +27,7 @@ and time. ``sampled`` is another loss (for catalogs whose full softmax does not 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Literal
 
 import lightning.pytorch as pl
@@ -59,7 +60,7 @@ class SeqRecModule(pl.LightningModule):
                  loss_chunk_rows: int = 4096, encoder_chunk_tokens: int | None = 4096,
                  long_tail_max_count: int | None = 5, text_fresh: Literal["targets", "batch"] = "targets",
                  text_refresh_steps: int = 50, text_top_lr: float = 3e-5, text_fresh_max: int | None = None,
-                 pretrained_same_domain: bool = False) -> None:
+                 text_straight_through: bool = False, pretrained_same_domain: bool = False) -> None:
         """
         Args:
             net: the model; architecture arguments live on it, declared once for all stages.
@@ -94,6 +95,10 @@ class SeqRecModule(pl.LightningModule):
             text_fresh_max: at most this many fresh items a step, drawn at random from those ``text_fresh`` names
                 (the top's cost is linear in them: ~3x a table refresh's per item, benchmarks/README.md);
                 ``None``: all of them.
+            text_straight_through: with a text top, the fresh items' forward values are the table's, with the
+                top's gradients passed through as if they were fresh. Fresh rows otherwise differ from the stale
+                table the other items (the negatives) read, and a step can learn that difference (a fresh item is
+                a target) instead of the items.
             pretrained_same_domain: ``pretrained`` was trained on this very dataset (CTRL's alignment stage,
                 ``training/align.py``), so its item-ID and code embeddings are kept, not started fresh; a
                 checkpoint with another item count is refused.
@@ -120,7 +125,7 @@ class SeqRecModule(pl.LightningModule):
         if text_fresh_max is not None and text_fresh_max < 1:
             raise ValueError(f"text_fresh_max must be at least 1 (or None: all), got {text_fresh_max}")
         self.text_fresh, self.text_refresh_steps, self.text_top_lr = text_fresh, text_refresh_steps, text_top_lr
-        self.text_fresh_max = text_fresh_max
+        self.text_fresh_max, self.text_straight_through = text_fresh_max, text_straight_through
         self._table_step: int | None = None  # the step the text top's table was computed at
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
@@ -211,6 +216,10 @@ class SeqRecModule(pl.LightningModule):
             items = items[torch.randperm(len(items), device=items.device)[:self.text_fresh_max]].sort().values
         return items
 
+    def fresh_text(self, batch: SeqBatch | PositionBatch) -> contextlib.AbstractContextManager:
+        """The block of a training step: the batch's ``fresh_text_ids`` through the text top (``UniSRec.fresh_text``)."""
+        return self.net.fresh_text(self.fresh_text_ids(batch), straight_through=self.text_straight_through)
+
     def set_training_targets(self, targets: torch.Tensor) -> None:
         """Item popularity for the sampled loss, from every training example's target (no-op for ``full``)."""
         if self.loss == "sampled":
@@ -229,7 +238,7 @@ class SeqRecModule(pl.LightningModule):
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
         path = self.loss_path(batch)
-        with self.net.fresh_text(self.fresh_text_ids(batch)):
+        with self.fresh_text(batch):
             if path == "sampled":
                 loss = self._sampled_loss(batch)
             else:

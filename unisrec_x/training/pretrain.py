@@ -31,7 +31,8 @@ class PretrainModule(SeqRecModule):
                  item_keep_prob: float = 0.8, word_swap_prob: float = 0.2, ks: list[int] | None = None,
                  negatives: int = 0, encoder_chunk_tokens: int | None = None,
                  text_fresh: Literal["targets", "batch"] = "targets", text_refresh_steps: int = 50,
-                 text_top_lr: float = 3e-5, text_fresh_max: int | None = None) -> None:
+                 text_top_lr: float = 3e-5, text_fresh_max: int | None = None,
+                 text_straight_through: bool = False) -> None:
         """
         Args:
             net: a text-only UniSRec (item IDs do not transfer across domains).
@@ -47,7 +48,8 @@ class PretrainModule(SeqRecModule):
             encoder_chunk_tokens: bound on the positions encoded at once (``SeqRecModule``). Off by
                 default: here chunks are checkpointed (recomputed in backward), as the sequence-sequence
                 task couples a batch's rows; set it for sources with long histories.
-            text_fresh, text_refresh_steps, text_top_lr, text_fresh_max: with a text top, as in ``SeqRecModule``.
+            text_fresh, text_refresh_steps, text_top_lr, text_fresh_max, text_straight_through: with a text top,
+                as in ``SeqRecModule``.
         """
         if net.use_item_id or net.use_codes:
             raise ValueError("pretraining transfers through text: use a UniSRec with use_item_id=False and use_codes=False "
@@ -60,7 +62,8 @@ class PretrainModule(SeqRecModule):
                              "text_top_layers > 0 set item_drop_view_prob=1 (item-drop views only) or lambda_seq_seq=0")
         super().__init__(net, ks, loss="sampled" if negatives > 0 else "full", num_negatives=negatives,
                          encoder_chunk_tokens=encoder_chunk_tokens, text_fresh=text_fresh,
-                         text_refresh_steps=text_refresh_steps, text_top_lr=text_top_lr, text_fresh_max=text_fresh_max)
+                         text_refresh_steps=text_refresh_steps, text_top_lr=text_top_lr, text_fresh_max=text_fresh_max,
+                         text_straight_through=text_straight_through)
         self.save_hyperparameters()
         self.register_buffer("word_drop_features", torch.zeros(0), persistent=False)
 
@@ -84,7 +87,7 @@ class PretrainModule(SeqRecModule):
         return emb, torch.where(use_item_drop, dropped_len, batch.seq_len)
 
     def training_step(self, batch: SeqBatch | PositionBatch, batch_idx: int) -> torch.Tensor:
-        with self.net.fresh_text(self.fresh_text_ids(batch)):
+        with self.fresh_text(batch):
             return self._training_loss(batch)
 
     def _training_loss(self, batch: SeqBatch | PositionBatch) -> torch.Tensor:
