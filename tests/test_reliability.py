@@ -291,3 +291,48 @@ def test_a_checkpoint_write_cut_before_its_rename_leaves_the_previous_checkpoint
         main(_args_in(tiny_encoder, real_root, tmp_path / "run", "--trainer.max_steps", "12", "--ckpt_path", str(last)))
     assert cut and str(cut[0]).endswith(".ckpt")  # the write that was cut was a checkpoint's
     assert last.read_bytes() == before and resume.checkpoint_step(last) == 6
+
+
+def test_a_fit_with_a_text_top_resumes_on_the_table_it_was_saved_with(tmp_path, tiny_encoder, real_root, monkeypatch):
+    """A trained text top (straight-through, so every step's values are the table's): the fit cut after its step-3
+    checkpoint resumes on the table made at step 0, not one recomputed from the step-3 weights, so it refreshes at
+    step 4 as an uninterrupted run does and ends with the same validations and test metrics."""
+    monkeypatch.setenv("UNISREC_X_CACHE", str(tmp_path / "cache"))
+    net = "--model.init_args.net.init_args."
+
+    def args(name: str) -> list[str]:
+        return _args_in(tiny_encoder, real_root, tmp_path / name, "--trainer.max_steps", "10", "--last_every_n_steps", "3",
+                        "--trainer.val_check_interval", "5", f"{net}text_top_layers", "1", f"{net}text_top_heads", "2",
+                        f"{net}text_top_inner_dim", "64", "--model.init_args.text_top_lr", "0.01",
+                        "--model.init_args.text_refresh_steps", "4", "--model.init_args.text_straight_through", "true")
+
+    def validations(name: str) -> list[tuple[int, float]]:
+        import csv
+
+        rows = []
+        for path in sorted((tmp_path / name / "v").glob("metrics*.csv")):
+            with open(path, newline="") as handle:
+                rows += [(int(r["step"]), float(r["val/ndcg@10"])) for r in csv.DictReader(handle) if r.get("val/ndcg@10")]
+        return sorted(set(rows))
+
+    main(args("whole"))
+    original = SeqRecModule.training_step
+
+    def cut_at_step_4(self, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            raise KeyboardInterrupt("killed at step 4")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SeqRecModule, "training_step", cut_at_step_4)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(args("cut"))
+    last = tmp_path / "cut" / "v" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 3 and saved["text_top_table"]["step"] == 0
+    assert not (tmp_path / "cut" / "v" / "metrics.csv").exists()  # nothing validated before the cut
+    monkeypatch.setattr(SeqRecModule, "training_step", original)
+    main([*args("cut"), "--ckpt_path", str(last)])
+    whole, cut = validations("whole"), validations("cut")
+    assert len(whole) == 2 and [step for step, _ in cut] == [step for step, _ in whole]
+    assert [score for _, score in cut] == pytest.approx([score for _, score in whole], rel=1e-5)
+    assert _metrics(tmp_path / "cut") == pytest.approx(_metrics(tmp_path / "whole"), rel=1e-5)

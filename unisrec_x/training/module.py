@@ -49,6 +49,8 @@ from unisrec_x.evaluation.ranking import DEFAULT_CHUNK, chunked_target_ranks
 from unisrec_x.objectives.sampled_softmax import NegativeSampler, NegativeSampling, sampled_softmax_loss
 
 LossPath = Literal["sampled", "whole", "micro_batches"]
+#: a fit's checkpoint entry with the text top's table (its items' vectors) and the step it was computed at
+TEXT_TABLE_KEY = "text_top_table"
 
 
 class SeqRecModule(pl.LightningModule):
@@ -127,6 +129,7 @@ class SeqRecModule(pl.LightningModule):
         self.text_fresh, self.text_refresh_steps, self.text_top_lr = text_fresh, text_refresh_steps, text_top_lr
         self.text_fresh_max, self.text_straight_through = text_fresh_max, text_straight_through
         self._table_step: int | None = None  # the step the text top's table was computed at
+        self._resumed_table: dict | None = None  # that table and step, from the checkpoint a fit resumes
         self.train_counts: torch.Tensor | None = None  # (N + 1,) training targets per item, for the long-tail slice
         self.sampler: NegativeSampler | None = None
         self.metrics = RankingMetrics(ks or [10, 50])
@@ -192,6 +195,14 @@ class SeqRecModule(pl.LightningModule):
         if self.net.text_top is not None and self.net.text_top.flat is not None:
             self.net.refresh_text_table()
             self._table_step = self.global_step
+
+    def on_train_start(self) -> None:
+        """A resumed fit takes the text top's table its checkpoint was saved with (and when that table was made),
+        not one from the resume step's weights: the steps after it read what an uninterrupted run's would."""
+        resumed, self._resumed_table = self._resumed_table, None
+        if resumed is not None and self.net.text_top is not None:
+            self.net.set_item_features(resumed["features"])
+            self._table_step = int(resumed["step"])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.net.text_top is not None and (self._table_step is None
@@ -301,7 +312,11 @@ class SeqRecModule(pl.LightningModule):
         return sampled_softmax_loss(logits, candidates, target, self.sampler.log_expected_count(candidates, len(target)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """A code model's checkpoint carries its item codes and quantizer (``ItemCodes.to_state``)."""
+        """A code model's checkpoint carries its item codes and quantizer (``ItemCodes.to_state``); a fit with a text
+        top, the table its steps read and the step it was made at (``on_train_start``)."""
+        if self.net.text_top is not None and self._table_step is not None and self._trainer is not None \
+                and self.trainer.training:
+            checkpoint[TEXT_TABLE_KEY] = {"step": self._table_step, "features": self.net.item_features.detach().cpu().clone()}
         if self.net.use_codes:
             codes = self._item_codes or (self.datamodule.item_codes(self.net.code_digits, self.net.codes_per_digit)
                                          if self.datamodule is not None else None)
@@ -317,6 +332,7 @@ class SeqRecModule(pl.LightningModule):
                 what = "item count" if "item_embedding" in key or "popularity_counts" in key else "dimensions"
                 raise DataError(f"checkpoint has another {what}: {key} is {tuple(value.shape)} there, "
                                  f"{tuple(own[key].shape)} in this model (data: {self.net.num_items} items)")
+        self._resumed_table = checkpoint.get(TEXT_TABLE_KEY)
         if self.net.use_codes and CHECKPOINT_KEY in checkpoint:  # kept, and saved again by a resumed fit
             net, data = self.net, self.datamodule
             items = data.num_items if data is not None else self.net.item_codes.shape[0] - 1
