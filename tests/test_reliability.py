@@ -291,6 +291,12 @@ def test_a_checkpoint_write_cut_before_its_rename_leaves_the_previous_checkpoint
         main(_args_in(tiny_encoder, real_root, tmp_path / "run", "--trainer.max_steps", "12", "--ckpt_path", str(last)))
     assert cut and str(cut[0]).endswith(".ckpt")  # the write that was cut was a checkpoint's
     assert last.read_bytes() == before and resume.checkpoint_step(last) == 6
+    assert not paths.leftover_siblings(last.parent)  # the failed write took its temporary file with it
+    monkeypatch.undo()
+    killed = last.parent / f".last.ckpt.tmp-{os.getpid() + 1}"  # what a kill -9 mid-write leaves
+    killed.write_bytes(before[:100])
+    resume.prepare_resume(last.parent.parent, {"parts": [{"started": time.time()}]})
+    assert not killed.exists() and last.read_bytes() == before  # a resume clears it, keeps the checkpoint
 
 
 def test_a_fit_with_a_text_top_resumes_on_the_table_it_was_saved_with(tmp_path, tiny_encoder, real_root, monkeypatch):

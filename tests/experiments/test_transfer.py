@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from unisrec_x.experiments import arms, records, transfer
 from unisrec_x.experiments.pretraining import pretrain, pretrain_command, step_weights
@@ -187,6 +188,32 @@ def test_a_record_names_the_code_its_fits_started_on_not_the_checkout_when_they_
     assert (one_stage["commit"], one_stage["dirty"]) == ("a" * 40, False)
     staged = run_one(ARM["sasrec_aligned"], "office", "5%", 1, results, runs, tmp_path / "u.txt", None, False, None, 1)
     assert (staged["commit"], staged["dirty"]) == ("d" * 40, True)  # stages on b, then d: no one commit made it
+
+
+def test_a_pretraining_record_names_the_code_and_configs_its_run_started_with(tmp_path, monkeypatch):
+    """The pretraining's record takes its commit from the run's stamp and its config digests from before the run:
+    a config edited, or the checkout moved, while it trained does not relabel it."""
+    from unisrec_x.experiments import pretraining, resume, runner
+
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("data: {dataset: [games, toys]}\n")
+    monkeypatch.setattr(pretraining, "PRETRAIN_ARGS", ["-c", str(config)])
+    monkeypatch.setattr(runner, "code_version", lambda: {"commit": "b" * 40, "dirty": False})  # where it ends
+    before = records.config_digests(f"unisrec-x fit -c {config}")
+
+    def fit(cmd, run_dir, threads):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        resume.write_stamp(run_dir, resume.new_stamp(cmd, {"commit": "a" * 40, "dirty": False}))
+        (run_dir / "config.yaml").write_text("data: {dataset: [games, toys]}\n")
+        torch.save({"state_dict": {"net.w": torch.ones(1)}, "global_step": 9, "epoch": 0},
+                   run_dir / "checkpoints" / "best-epoch=0.ckpt")
+        config.write_text("data: {dataset: [games]}\n")  # edited while it trained
+        return 12.0
+
+    monkeypatch.setattr(runner, "run_process", fit)
+    record = pretrain(tmp_path / "results", tmp_path / "runs", 1, False, None, 1)
+    assert (record["commit"], record["dirty"]) == ("a" * 40, False) and record["configs"] == before
+    assert record["steps"] == 9 and record["sources"] == ["games", "toys"]
 
 
 def test_a_selected_first_stage_hands_its_best_checkpoint_on(tmp_path, monkeypatch):
@@ -464,6 +491,7 @@ def test_a_partial_plan_leaves_the_full_reports_rows_in_place(real_root, tmp_pat
     _fake_record(results, "office", "20%", "sasrec", 2, 0.031)
     _fake_record(results, "scientific/Scientific", "100%", "sasrec", 1, 0.054, commit="a" * 40, validation_users="all")
     _fake_record(results, "scientific/Scientific", "100%", "sasrec", 2, 0.056, commit="b" * 40, validation_users="all")
+    _fake_record(results, "office", "100%", "popularity", 1, 0.02, commit="a" * 40, dirty=True, validation_users="all")
     monkeypatch.setattr(transfer, "run_process", lambda *a: pytest.fail("ran an arm"))
     transfer.main(["--report_only", "--targets", "office", "--regimes", "100%", "--arms", "sasrec", "--full_seeds", "1",
                    "--results", str(results), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
@@ -473,9 +501,11 @@ def test_a_partial_plan_leaves_the_full_reports_rows_in_place(real_root, tmp_pat
     assert rows[("scientific/Scientific", "100%", "all")]["seeds"] == [1, 2]  # not in this plan, still reported
     assert rows[("scientific/Scientific", "100%", "all")]["mixed_commits"] is True
     assert rows[("office", "100%", "all")]["mixed_commits"] is False
+    dirty = [r for r in report["rows"] if r["arm"] == "popularity" and r["slice"] == "all"]
+    assert len(dirty) == 1 and dirty[0]["mixed_commits"] is True  # one seed, but of no single clean commit
     assert report["protocol"]["current"]["20%"] == "sampled"
     table = (tmp_path / "out" / "transfer.md").read_text()
-    assert "0.0550 ± 0.0014 †" in table  # Scientific's two commits are marked
+    assert "0.0550 ± 0.0014 †" in table and "0.0200 †" in table  # two commits; one dirty seed
     earlier = table[table.index("earlier protocol"):]
     assert "0.0305 ± 0.0007" in earlier  # office 20% (all users' validation) only in the earlier-protocol tables
 

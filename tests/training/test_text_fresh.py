@@ -35,3 +35,15 @@ def test_a_cap_draws_that_many_distinct_items_of_the_batch():
         _module(text_fresh_max=0)
     with pytest.raises(ValueError, match="text_fresh must"):
         _module(text_fresh="history")
+
+
+def test_a_training_step_passes_straight_through_on_to_the_model(monkeypatch):
+    """``text_straight_through`` reaches ``UniSRec.fresh_text`` from both training modules."""
+    from unisrec_x.training.pretrain import PretrainModule
+
+    seen = []
+    for module in (_module(text_straight_through=True), _module(), PretrainModule(_module().net, text_straight_through=True,
+                                                                                  item_drop_view_prob=1)):
+        monkeypatch.setattr(module.net, "fresh_text", lambda ids, straight_through=False: seen.append(straight_through))
+        module.fresh_text(BATCH)
+    assert seen == [True, False, True]

@@ -18,7 +18,7 @@ from unisrec_x.experiments import runner
 from unisrec_x.experiments.arms import PRETRAININGS, TEXT_MODEL
 from unisrec_x.experiments.records import config_digests, finished
 from unisrec_x.experiments.resume import metrics_rows
-from unisrec_x.experiments.runner import DEFAULTS_VERSION, run_process, stamped_code, with_flags
+from unisrec_x.experiments.runner import DEFAULTS_VERSION, stamped_code, with_flags
 from unisrec_x.runtime.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,13 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
     if report_only:
         return None
     log.info("pretraining: %s", shlex.join(cmd))
-    code = runner.code_version()
-    wall = run_process(cmd, run_dir, threads)
+    code, configs = runner.code_version(), config_digests(shlex.join(cmd))  # as the run starts
+    wall = runner.run_process(cmd, run_dir, threads)
     # the best validation on the sources (never a target's test split) picks the checkpoint
     checkpoint = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
     save_net_weights(checkpoint, weights)
     keep_step_weights(run_dir, weights)
-    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": config_digests(shlex.join(cmd)),
+    record = {"command": shlex.join(cmd), "defaults": DEFAULTS_VERSION, "configs": configs,
               **stamped_code(run_dir, code), "wall_s": round(wall, 1),
               "sources": _config_value(run_dir, "dataset"), "steps": checkpoint["global_step"],
               "epochs": checkpoint["epoch"] + 1, "weights": str(weights), "curve": _curve(run_dir),

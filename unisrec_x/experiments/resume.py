@@ -17,7 +17,7 @@ import shlex
 import time
 from pathlib import Path
 
-from unisrec_x.runtime.paths import atomic_write_bytes
+from unisrec_x.runtime.paths import atomic_write_bytes, leftover_siblings
 
 RUN_STAMP = "run.json"
 LAST = Path("checkpoints") / "last.ckpt"
@@ -78,13 +78,15 @@ def cut_part_seconds(run_dir: Path, part: dict) -> float:
 
 
 def prepare_resume(run_dir: Path, stamp: dict) -> None:
-    """Set the folder up to resume from its last checkpoint: the interrupted part's time goes into the stamp
-    and its metrics rows into a part file."""
+    """Set the folder up to resume from its last checkpoint: the interrupted part's time goes into the stamp,
+    its metrics rows into a part file, and a checkpoint write it left half done is removed."""
     parts = stamp.setdefault("parts", [])
     if parts and "wall_s" not in parts[-1]:
         parts[-1]["wall_s"] = cut_part_seconds(run_dir, parts[-1])
     if (run_dir / "metrics.csv").is_file():
         os.replace(run_dir / "metrics.csv", run_dir / METRICS_PART.format(len(parts)))
+    for leftover in leftover_siblings(run_dir / LAST.parent):  # a checkpoint write the kill cut short
+        leftover.unlink()
 
 
 def start_part(run_dir: Path, stamp: dict, resumed_at_step: int | None = None) -> None:

@@ -247,19 +247,21 @@ def first_stage_dir(run_dir: Path) -> Path:
 
 def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: Path, users: Path | None,
             pretraining: dict | None, quick: bool, data_root: str | None, threads: int,
-            report_only: bool = False) -> dict | None:
+            report_only: bool = False, loaded_code: dict | None = None) -> dict | None:
     """One (target, regime, arm, seed): reuse its result file if the command matches, else run it
-    (``report_only``: else ``None``)."""
+    (``report_only``: else ``None``). ``loaded_code``: the code this process imported (``main`` notes it when it
+    starts), which an in-process baseline runs on whatever the checkout says by then."""
     where, command, stages = keyed_command(arm, target, regime, seed, runs, users, pretraining, quick, data_root)
     result_path = results / where.with_suffix(".json")
     record = finished(result_path, command, regime)
     if record or report_only:
         return record
-    start, code = time.perf_counter(), runner.code_version()  # a baseline runs on the code imported now
-    codes, chosen = [code], {}
+    start, code, chosen = time.perf_counter(), runner.code_version(), {}
+    configs = config_digests(command)  # what the configs meant when the run started, beside the commit it started on
     if arm.kind in BASELINES:
         (metrics, chosen), epochs, peak = baseline(arm, target, regime, users, quick, data_root, pretraining), 0, None
         wall = time.perf_counter() - start
+        codes = [code, loaded_code] if loaded_code else [code]  # imported on one commit, run on another: dirty
     else:
         log.info("%s / %s / %s (seed %d): %s", target, regime, arm.name, seed, command)
         wall = 0.0  # every part of every stage: a run resumed across sessions counts the time of each
@@ -275,7 +277,7 @@ def run_one(arm: Arm, target: str, regime: str, seed: int, results: Path, runs: 
         metrics, epochs, peak = out["metrics"], out["epochs_trained"] if arm.kind == "fit" else 0, out.get("peak_rss_mb")
         # what the fit was selected on (the sampled users' rows in few-shot regimes), and a carried floor's choice
         chosen = {key: out[key] for key in ("best_validation", "floor_blend") if out.get(key)}
-    record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": config_digests(command),
+    record = {"command": command, "defaults": DEFAULTS_VERSION, "configs": configs,
               **one_code(codes), "validation_users": validation_users(regime), **chosen,
               "target": target, "regime": regime, "arm": arm.name,
               "seed": seed, "wall_s": round(wall, 1), "epochs": epochs, "peak_rss_mb": peak,
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing and write nothing but the report: the finished arms of this plan, "
                         "and a count of the pending ones")
     args = parser.parse_args(argv)
+    loaded_code = runner.code_version()  # the modules this process runs in-process baselines with
     quick = args.quick
     targets = args.targets or (QUICK_TARGETS if quick else DEFAULT_TARGETS)
     regimes = args.regimes or (QUICK_REGIMES if quick else list(REGIMES))
@@ -391,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, arm, target, regime, seed, results, runs, users,
                                pretrainings.get(arm.pretraining) if arm.pretrained else pretraining, quick,
-                               args.data_root, threads, args.report_only) for arm, target, regime, seed, users in jobs]
+                               args.data_root, threads, args.report_only, loaded_code)
+                   for arm, target, regime, seed, users in jobs]
         try:
             for future in futures:
                 records.append(future.result())

@@ -77,7 +77,8 @@ def validation_score(record: dict) -> float | None:
 
 def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
     """One row per (target, regime, arm, validation protocol, slice): mean and std over seeds of each reported
-    metric, with the commits that made the seeds (``mixed_commits`` when they differ or are unknown)."""
+    metric, with the commits that made the seeds (``mixed_commits`` when they differ or are unknown, or when any seed
+    was made on a checkout with uncommitted changes or by stages on different commits: ``dirty``)."""
     label = {a.name: a.label for a in arms}
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -89,7 +90,7 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
         for slice_name, prefix in SLICES:
             row = {"target": target, "regime": regime, "arm": arm, "label": label.get(arm, arm), "slice": slice_name,
                    "validation_users": validation, "seeds": sorted(r["seed"] for r in runs), "commits": commits,
-                   "mixed_commits": len(runs) > 1 and (len(commits) > 1 or commits == ["unknown"])}
+                   "mixed_commits": "dirty" in commits or (len(runs) > 1 and (len(commits) > 1 or commits == ["unknown"]))}
             if prefix:
                 counts = {r["metrics"].get("long_tail/rows") for r in runs}
                 row["rows"] = int(counts.pop()) if len(counts) == 1 and None not in counts else None
@@ -119,7 +120,8 @@ def markdown(rows: list[dict], arms: Sequence, targets: list[str], regimes: list
     earlier = [r for r in rows if r not in current]
     out = _tables(current, arms, targets, regimes, max_count, "")
     if any(r["mixed_commits"] for r in current):
-        out.append("† seeds made by different commits of the package (or by an unknown one, before records named it).\n")
+        out.append("† seeds made by different commits of the package (or by an unknown one, before records named it), "
+                   "or a result of no single clean commit (uncommitted changes, or stages on different commits).\n")
     if entries:
         out.append(goals_markdown(entries, arms))
     if earlier:

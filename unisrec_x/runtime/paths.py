@@ -37,11 +37,21 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary sibling and rename, so a crash never leaves a half-written file."""
+    """Write to a temporary sibling and rename, so a crash never leaves a half-written file (a kill -9 can leave
+    the sibling, ``.<name>.tmp-<pid>``; ``leftover_siblings`` finds those)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: no half-written sibling left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def leftover_siblings(folder: Path) -> list[Path]:
+    """Temporary siblings (``atomic_write_bytes``) a killed writer left in ``folder``."""
+    return sorted(folder.glob(".*.tmp-*")) if folder.is_dir() else []

@@ -20,11 +20,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a sibling file, syncs it and renames it into place. Lightning's own writer goes
     through a temporary file under the system's temp folder and *copies* it over when that is another file system,
     so a kill mid-copy left a truncated ``last.ckpt`` (and an hour-long run started over); a killed write here
-    leaves the previous checkpoint whole and only a ``.<name>.tmp-<pid>`` file beside it."""
+    leaves the previous checkpoint whole and only a ``.<name>.tmp-<pid>`` file beside it (removed when the experiment
+    runner resumes the run). Remote paths (``s3://...``) go through Lightning's writer."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's writer, as Lightning's
+            return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(Path(path), buffer.getvalue())
