@@ -272,6 +272,14 @@ def test_every_trained_arms_command_parses(tmp_path, capsys):
             for flag, value in zip(cmd, cmd[1:]):
                 if flag.endswith("memory_dropout"):
                     assert f"memory_dropout: {value}" in printed, arm.name
+    for variant in arms.PRETRAININGS:  # each pretraining, with the flags its variant adds
+        cmd = pretrain_command(tmp_path / f"pretrain-{variant}" / "seed1", 1, False, None, variant)
+        with pytest.raises(SystemExit) as exit_:
+            main([*cmd[1:], "--print_config"])
+        assert exit_.value.code in (None, 0), variant
+        printed = capsys.readouterr().out
+        assert "PretrainModule" in printed and (variant == "" or "text_top_layers: 1" in printed), variant
+        assert ("text_straight_through: true" in printed) == ("text_straight_through" in " ".join(cmd)), variant
 
 
 REPO = Path(__file__).resolve().parents[2]
