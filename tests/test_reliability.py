@@ -40,6 +40,34 @@ def _metrics(save_dir: Path) -> dict:
     return json.loads(next(save_dir.rglob("test_metrics.json")).read_text())["metrics"]
 
 
+def _validations(save_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation N@10) of every part of a run logged in ``save_dir/v`` (``metrics*.csv``)."""
+    import csv
+
+    rows = []
+    for path in sorted((save_dir / "v").glob("metrics*.csv")):
+        with open(path, newline="") as handle:
+            rows += [(int(r["step"]), float(r["val/ndcg@10"])) for r in csv.DictReader(handle) if r.get("val/ndcg@10")]
+    return sorted(set(rows))
+
+
+def _cut_at(monkeypatch, hook: str, step: int, run) -> None:
+    """``run()`` with ``SeqRecModule.<hook>`` interrupted at global step ``step``, as a kill there would."""
+    original = getattr(SeqRecModule, hook)
+
+    def cut(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            raise KeyboardInterrupt(f"killed in {hook} at step {step}")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SeqRecModule, hook, cut)
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            run()
+    finally:
+        monkeypatch.setattr(SeqRecModule, hook, original)
+
+
 @pytest.fixture
 def env(tmp_path, tiny_encoder, real_root):
     return {**os.environ, "UNISREC_X_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -204,32 +232,13 @@ def test_a_run_killed_inside_a_validation_on_a_last_checkpoint_step_validates_th
     def args(name: str) -> list[str]:
         return _args_in(tiny_encoder, real_root, tmp_path / name, "--trainer.max_steps", "10", "--last_every_n_steps", "3")
 
-    def validations(name: str) -> list[tuple[int, float]]:
-        import csv
-
-        rows = []
-        for path in sorted((tmp_path / name / "v").glob("metrics*.csv")):
-            with open(path, newline="") as handle:
-                rows += [(int(r["step"]), float(r["val/ndcg@10"])) for r in csv.DictReader(handle) if r.get("val/ndcg@10")]
-        return sorted(set(rows))
-
     main(args("whole"))
-    original = SeqRecModule.validation_step
-
-    def cut_at_step_6(self, batch, batch_idx):
-        if self.trainer.global_step == 6:
-            raise KeyboardInterrupt("killed inside the validation at step 6")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(SeqRecModule, "validation_step", cut_at_step_6)
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
-        main(args("cut"))
+    _cut_at(monkeypatch, "validation_step", 6, lambda: main(args("cut")))
     last = tmp_path / "cut" / "v" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] < 6  # the state before the interrupted validation
     os.replace(tmp_path / "cut" / "v" / "metrics.csv", tmp_path / "cut" / "v" / "metrics.part1.csv")
-    monkeypatch.setattr(SeqRecModule, "validation_step", original)
     main([*args("cut"), "--ckpt_path", str(last)])
-    assert len(validations("whole")) >= 3 and validations("cut") == validations("whole")
+    assert len(_validations(tmp_path / "whole")) >= 3 and _validations(tmp_path / "cut") == _validations(tmp_path / "whole")
     assert _metrics(tmp_path / "cut") == pytest.approx(_metrics(tmp_path / "whole"), rel=1e-5)
 
 
@@ -312,33 +321,14 @@ def test_a_fit_with_a_text_top_resumes_on_the_table_it_was_saved_with(tmp_path, 
                         f"{net}text_top_inner_dim", "64", "--model.init_args.text_top_lr", "0.01",
                         "--model.init_args.text_refresh_steps", "4", "--model.init_args.text_straight_through", "true")
 
-    def validations(name: str) -> list[tuple[int, float]]:
-        import csv
-
-        rows = []
-        for path in sorted((tmp_path / name / "v").glob("metrics*.csv")):
-            with open(path, newline="") as handle:
-                rows += [(int(r["step"]), float(r["val/ndcg@10"])) for r in csv.DictReader(handle) if r.get("val/ndcg@10")]
-        return sorted(set(rows))
-
     main(args("whole"))
-    original = SeqRecModule.training_step
-
-    def cut_at_step_4(self, batch, batch_idx):
-        if self.trainer.global_step == 4:
-            raise KeyboardInterrupt("killed at step 4")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(SeqRecModule, "training_step", cut_at_step_4)
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
-        main(args("cut"))
+    _cut_at(monkeypatch, "training_step", 4, lambda: main(args("cut")))
     last = tmp_path / "cut" / "v" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 3 and saved["text_top_table"]["step"] == 0
     assert not (tmp_path / "cut" / "v" / "metrics.csv").exists()  # nothing validated before the cut
-    monkeypatch.setattr(SeqRecModule, "training_step", original)
     main([*args("cut"), "--ckpt_path", str(last)])
-    whole, cut = validations("whole"), validations("cut")
+    whole, cut = _validations(tmp_path / "whole"), _validations(tmp_path / "cut")
     assert len(whole) == 2 and [step for step, _ in cut] == [step for step, _ in whole]
     assert [score for _, score in cut] == pytest.approx([score for _, score in whole], rel=1e-5)
     assert _metrics(tmp_path / "cut") == pytest.approx(_metrics(tmp_path / "whole"), rel=1e-5)
