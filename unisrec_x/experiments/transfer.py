@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -235,9 +234,7 @@ def first_stage_checkpoint(arm: Arm, stage_dir: Path) -> Path:
 
 def keep_first_stage_best(stage_dir: Path) -> None:
     """Copy the first stage's ``best_checkpoint`` to ``selected.ckpt``."""
-    tmp = stage_dir / "checkpoints" / f".selected.ckpt.tmp-{os.getpid()}"
-    shutil.copyfile(best_checkpoint(stage_dir), tmp)
-    os.replace(tmp, stage_dir / "checkpoints" / "selected.ckpt")
+    atomic_write_bytes(stage_dir / "checkpoints" / "selected.ckpt", best_checkpoint(stage_dir).read_bytes())
 
 
 def first_stage_dir(run_dir: Path) -> Path:
