@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from unisrec_x.experiments.arms import REGIMES
 from unisrec_x.experiments.records import validation_users
 from unisrec_x.experiments.runner import REPORTED, summarise
 from unisrec_x.experiments.transfer_goals import goals, goals_markdown
@@ -182,8 +183,7 @@ def report(records: list[dict], arms: Sequence, shares: Mapping[str, float], tar
     entries = goals(current_rows(rows), arms, targets, regimes)
     atomic_write_bytes(out / f"transfer{suffix}.json", json.dumps(
         {"experiment": "transfer", "date": time.strftime("%Y-%m-%d"), "targets": targets, "regimes": regimes,
-         "protocol": {"validation_users": PROTOCOLS, "current": {"zero-shot": "all", "5%": "sampled", "20%": "sampled",
-                                                                  "100%": "all"}},
+         "protocol": {"validation_users": PROTOCOLS, "current": {regime: validation_users(regime) for regime in REGIMES}},
          "long_tail_max_count": max_count, "rows": rows, "goals": entries,
          "pretraining": pretraining,
          **({"note": note} if note else {})}, indent=1).encode())
