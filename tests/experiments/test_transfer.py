@@ -572,6 +572,26 @@ def test_an_arm_for_some_targets_is_planned_for_those_only(real_root, tmp_path, 
     assert planned == [("office", False), ("office", True), ("scientific/Scientific", False)]
 
 
+def test_the_default_plan_is_the_benchmarks_arms_with_three_seeds_of_each_fit(real_root, tmp_path, monkeypatch):
+    """Issue 28 asks for every arm x 3 seeds, 100% included: without --arms the plan leaves out the probes
+    (diagnostics and superseded designs, run only when named), fits get seeds 1-3 at 100%, and a training-free
+    arm runs once."""
+    planned = []
+    monkeypatch.setattr(transfer, "run_one", lambda arm, target, regime, seed, *a: planned.append((arm.name, seed)))
+    transfer.main(["--report_only", "--targets", "office", "--regimes", "100%", "--results", str(tmp_path / "results"),
+                   "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    names = {name for name, _ in planned}
+    probes = {a.name for a in ARMS if a.probe}
+    assert "sasrec_aligned" in probes and not names & probes
+    assert "sasrec_ctrl" in names and "scratch_fields" in names
+    assert sorted(seed for name, seed in planned if name == "sasrec") == [1, 2, 3]
+    assert [seed for name, seed in planned if name == "floor"] == [1]
+    planned.clear()
+    transfer.main(["--report_only", "--targets", "office", "--regimes", "5%", "--arms", "sasrec_aligned", "--results",
+                   str(tmp_path / "results"), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
+    assert planned == [("sasrec_aligned", 1), ("sasrec_aligned", 2), ("sasrec_aligned", 3)]  # named: it runs
+
+
 def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
     """Issue 28's goals: the floor to beat is the training-free ranker that won validation (here the mean-pooled
     one, though the other tests higher would flatter nobody), not the one that won test; 5% asks for a margin

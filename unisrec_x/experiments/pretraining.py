@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shlex
@@ -19,7 +18,7 @@ from unisrec_x.experiments.arms import PRETRAININGS, TEXT_MODEL
 from unisrec_x.experiments.records import config_digests, finished
 from unisrec_x.experiments.resume import metrics_rows
 from unisrec_x.experiments.runner import DEFAULTS_VERSION, stamped_code, with_flags
-from unisrec_x.runtime.paths import atomic_write_bytes
+from unisrec_x.runtime.paths import atomic_torch_save, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 PRETRAIN_ARGS = ["-c", "configs/pretrain/pretrain.yaml", *TEXT_MODEL]
@@ -81,9 +80,7 @@ def pretrain(results: Path, runs: Path, seed: int, quick: bool, data_root: str |
 
 def save_net_weights(checkpoint: dict, weights: Path) -> None:
     """The network's weights of a Lightning checkpoint, written atomically (what pretrained arms load)."""
-    buffer = io.BytesIO()
-    torch.save({k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}, buffer)
-    atomic_write_bytes(weights, buffer.getvalue())
+    atomic_torch_save({k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}, weights)
 
 
 def step_weights(weights: Path, step: int | str) -> Path:

@@ -336,9 +336,10 @@ def main(argv: list[str] | None = None) -> None:
                         f"source name (default: {' '.join(DEFAULT_TARGETS)}; --quick: {' '.join(QUICK_TARGETS)})")
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES),
                         help=f"default: all; --quick: {' '.join(QUICK_REGIMES)}".replace("%", "%%"))
-    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms")
+    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms (default: every arm but the probes, "
+                        f"which run only when named: {', '.join(a.name for a in ARMS if a.probe)})")
     parser.add_argument("--seeds", type=seed_number, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
-    parser.add_argument("--full_seeds", type=seed_number, nargs="+", default=[1], help="seeds of the 100%% regime")
+    parser.add_argument("--full_seeds", type=seed_number, nargs="+", default=[1, 2, 3], help="seeds of the 100%% regime")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small real run: the first {QUICK_USERS:,} users of the target, zero-shot and all of "
                         f"them training, {sum(a.in_quick for a in ARMS)} arms, each fit early-stopped (patience "
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results or f"results/transfer{suffix}")
     runs = Path(args.runs + suffix)
     seeds, full_seeds = ([args.seeds[0]], [args.seeds[0]]) if quick else (args.seeds, args.full_seeds)
-    arms = [a for a in ARMS if (a.name in args.arms if args.arms else a.in_quick or not quick)]
+    # no --arms: the benchmark's arms (probes run only when named)
+    arms = [a for a in ARMS if (a.name in args.arms if args.arms else a.in_quick if quick else not a.probe)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     for target in targets:
         check_target(target, args.data_root)
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             for arm in arms:
                 if regime not in arm.regimes or (arm.targets is not None and target not in arm.targets):
                     continue
-                for seed in (full_seeds if share == 1 else seeds if share > 0 and arm.kind == "fit" else [seeds[0]]):
+                # a training-free arm or a zero-shot test draws nothing at random: it runs once
+                for seed in ([seeds[0]] if arm.kind != "fit" or share == 0 else full_seeds if share == 1 else seeds):
                     jobs.append((arm, target, regime, seed, users))
     records = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -52,6 +52,17 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` through ``atomic_write_bytes``: serialised in memory first, so a cut write leaves the old file."""
+    import io
+
+    import torch  # here, so reading paths never imports torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def leftover_siblings(folder: Path) -> list[Path]:
     """Temporary siblings (``atomic_write_bytes``) a killed writer left in ``folder``."""
     return sorted(folder.glob(".*.tmp-*")) if folder.is_dir() else []

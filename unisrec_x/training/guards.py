@@ -3,7 +3,6 @@ whole or absent, and a stop on non-finite losses."""
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from unisrec_x.runtime.paths import atomic_write_bytes
+from unisrec_x.runtime.paths import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,9 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: fsspec's writer, as Lightning's
             return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        atomic_torch_save(checkpoint, Path(path))
 
 
 class RNGStateCheckpoint(pl.Callback):
