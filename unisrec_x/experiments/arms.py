@@ -116,6 +116,12 @@ ARMS = [
     Arm("scratch_text_codes_md", "Scratch, text + codes, memory dropout 0.75",
         ["-c", "configs/scientific/unisrec_text_codes.yaml", *TEXT_MODEL,
          "--model.init_args.net.init_args.memory_dropout", "0.75"], regimes=("5%",)),
+    # issue 28 #6: the grid's other points, re-run once ID rows and code digits are dropped alike (no rescale),
+    # each selected on the sampled users' validation rows: probes (run as `--arms ... --seeds 1`)
+    *[Arm(f"scratch_{memory}_md{round(100 * p)}", f"Scratch, {label}, memory dropout {p}",
+          ["-c", f"configs/scientific/unisrec_{memory}.yaml", *TEXT_MODEL,
+           "--model.init_args.net.init_args.memory_dropout", str(p)], regimes=("5%",), probe=True)
+      for memory, label in (("transductive", "text + ID"), ("text_codes", "text + codes")) for p in (0.5, 0.9)],
     # issue 28 #4: models that start at the floor, each switch alone and both, measured on validation before
     # either becomes the default: the query carries the decayed history (learned, from the floor's usual 0.25),
     # the score a learned popularity prior (from the floor's beta 0.03 on the logit scale: 0.03 / temperature 0.07)
