@@ -632,6 +632,33 @@ def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
     assert tail["floor_arm"] == "text_knn" and tail["best_arm"] == "scratch_inductive" and tail["met"] is True
 
 
+def test_goals_also_name_the_trained_arm_validation_picks():
+    """The goals' best trained arm is chosen on test, as the issue words them; each entry also names the arm a
+    user without test labels would deploy: the best mean validation N@10 on the same rows. A blend scored on rows
+    kept apart from early stopping is on other rows, so it is never picked, however high its score."""
+    from unisrec_x.experiments.transfer_goals import goals, goals_markdown
+    from unisrec_x.experiments.transfer_report import current_rows
+
+    def record(arm, seed, ndcg, validation=None, **extra):
+        metrics = {m: ndcg for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50")}
+        kept = {"best_validation": {"val/ndcg@10": validation}} if validation else {}
+        return {"target": "t", "regime": "20%", "arm": arm, "seed": seed, "metrics": metrics,
+                "validation_users": "sampled", **kept, **extra}
+
+    apart = {"floor_blend": {"validation_ndcg@10": {"blend": 0.09}, "chosen_on": "validation rows kept apart from "
+                                                                                   "early stopping"}}
+    records = [{**record("floor", 1, 0.050), "knobs": {"decay": 0.5, "beta": 0.0},
+                "validation_ndcg@10": {"decay=0.5 beta=0.0": 0.06}},
+               record("scratch_text_codes", 1, 0.060, validation=0.070),  # best on test, second on validation
+               record("scratch_inductive", 1, 0.055, validation=0.075),
+               record("sasrec", 1, 0.070),  # kept no validation score: cannot be picked
+               record("scratch_text_codes_floorblend_apart", 1, 0.052, **apart)]
+    [entry] = goals(current_rows(rows_of(records, ARMS)), ARMS, ["t"], ["20%"])
+    assert entry["best_arm"] == "sasrec" and entry["gap"] == pytest.approx(0.4)
+    assert entry["picked_arm"] == "scratch_inductive" and entry["picked_gap"] == pytest.approx(0.1)
+    assert "Scratch, inductive (text) (0.0550), +10.0%" in goals_markdown([entry], ARMS)
+
+
 def test_arms_read_the_pretrainings_weights_and_sources_from_its_record(tmp_path):
     """No arm names the pretraining's sources itself: the zero-shot blend chooses on whatever the record says
     pretraining trained on, and the zero-shot floor without a record on what the pretraining config names."""

@@ -76,6 +76,12 @@ def validation_score(record: dict) -> float | None:
     return None
 
 
+def on_rows_apart(record: dict) -> bool:
+    """Whether a record's validation score is on part of the regime's validation rows (a blend chosen on rows
+    kept apart from early stopping), so it cannot be compared with scores on all of them."""
+    return str((record.get("floor_blend") or {}).get("chosen_on", "")).startswith("validation rows kept apart")
+
+
 def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
     """One row per (target, regime, arm, validation protocol, slice): mean and std over seeds of each reported
     metric, with the commits that made the seeds (``mixed_commits`` when they differ or are unknown, or when any seed
@@ -103,6 +109,8 @@ def rows_of(records: list[dict], arms: Sequence) -> list[dict]:
             validations = [validation_score(r) for r in runs]
             if slice_name == "all" and None not in validations:  # what selection saw, beside what test says
                 row["validation_ndcg@10_mean"] = round(statistics.fmean(validations), 6)
+                if any(on_rows_apart(r) for r in runs):  # not comparable with the other arms' scores
+                    row["validation_rows"] = "apart"
             rows.append(row)
     return rows
 
