@@ -590,6 +590,11 @@ def test_the_default_plan_is_the_benchmarks_arms_with_three_seeds_of_each_fit(re
     transfer.main(["--report_only", "--targets", "office", "--regimes", "5%", "--arms", "sasrec_aligned", "--results",
                    str(tmp_path / "results"), "--report", str(tmp_path / "out"), "--data_root", str(real_root)])
     assert planned == [("sasrec_aligned", 1), ("sasrec_aligned", 2), ("sasrec_aligned", 3)]  # named: it runs
+    planned.clear()
+    transfer.main(["--report_only", "--targets", "office", "--regimes", "100%", "--arms", "sasrec", "floor", "--seeds",
+                   "7", "--full_seeds", "4", "5", "--results", str(tmp_path / "results"), "--report", str(tmp_path / "out"),
+                   "--data_root", str(real_root)])
+    assert sorted(planned) == [("floor", 1), ("sasrec", 4), ("sasrec", 5)]  # a baseline keeps its one record
 
 
 def test_goals_compare_the_best_trained_arm_with_the_floor_validation_chose():
@@ -652,11 +657,13 @@ def test_goals_also_name_the_trained_arm_validation_picks():
                record("scratch_text_codes", 1, 0.060, validation=0.070),  # best on test, second on validation
                record("scratch_inductive", 1, 0.055, validation=0.075),
                record("sasrec", 1, 0.070),  # kept no validation score: cannot be picked
-               record("scratch_text_codes_floorblend_apart", 1, 0.052, **apart)]
+               record("scratch_text_codes_floorblend", 1, 0.052, **apart),
+               record("scratch_text_codes_floorblend_unseen", 1, 0.090, validation=0.099)]  # a probe: no candidate
     [entry] = goals(current_rows(rows_of(records, ARMS)), ARMS, ["t"], ["20%"])
     assert entry["best_arm"] == "sasrec" and entry["gap"] == pytest.approx(0.4)
     assert entry["picked_arm"] == "scratch_inductive" and entry["picked_gap"] == pytest.approx(0.1)
-    assert "Scratch, inductive (text) (0.0550), +10.0%" in goals_markdown([entry], ARMS)
+    assert entry["picked_among"] == [2, 4]
+    assert "Scratch, inductive (text) (0.0550), +10.0% (among 2 of 4 trained arms)" in goals_markdown([entry], ARMS)
 
 
 def test_arms_read_the_pretrainings_weights_and_sources_from_its_record(tmp_path):

@@ -323,7 +323,7 @@ def quick_note(records: list[dict], targets: list[str]) -> str:
             f"best validation. Numbers are for this slice, not the full benchmark's (docs/results.md): on {QUICK_USERS:,} "
             "test users a test N@10 near 0.05 has a standard error of about 0.004, so the gap between trained arms and "
             "text-kNN is resolved here, those among trained arms (pretrained or not) are not. The full benchmark "
-            "(Scientific and Office, all users, every arm, 3 seeds in the few-shot regimes) is "
+            "(Scientific and Office, all users, every arm but the probes, 3 seeds of every fit) is "
             "`unisrec-x experiment transfer` (hours; it continues where it stopped)."
             + (f"\n\nEpochs trained (early stopping): {epochs}." if epochs else ""))
 
@@ -336,9 +336,12 @@ def main(argv: list[str] | None = None) -> None:
                         f"source name (default: {' '.join(DEFAULT_TARGETS)}; --quick: {' '.join(QUICK_TARGETS)})")
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES),
                         help=f"default: all; --quick: {' '.join(QUICK_REGIMES)}".replace("%", "%%"))
-    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], help="run only these arms (default: every arm but the probes, "
-                        f"which run only when named: {', '.join(a.name for a in ARMS if a.probe)})")
-    parser.add_argument("--seeds", type=seed_number, nargs="+", default=[1, 2, 3], help="seeds of the few-shot regimes")
+    parser.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS],
+                        help="run only these arms (default: every arm but the probes, which run only when named: "
+                        f"{', '.join(a.name for a in ARMS if a.probe)})")
+    parser.add_argument("--seeds", type=seed_number, nargs="+", default=[1, 2, 3],
+                        help="seeds of the few-shot fits; the first also seeds the pretraining (and so the zero-shot "
+                        "arms); a training-free arm runs once")
     parser.add_argument("--full_seeds", type=seed_number, nargs="+", default=[1, 2, 3], help="seeds of the 100%% regime")
     parser.add_argument("--quick", action="store_true",
                         help=f"a small real run: the first {QUICK_USERS:,} users of the target, zero-shot and all of "
@@ -387,8 +390,10 @@ def main(argv: list[str] | None = None) -> None:
             for arm in arms:
                 if regime not in arm.regimes or (arm.targets is not None and target not in arm.targets):
                     continue
-                # a training-free arm or a zero-shot test draws nothing at random: it runs once
-                for seed in ([seeds[0]] if arm.kind != "fit" or share == 0 else full_seeds if share == 1 else seeds):
+                # a training-free arm draws nothing at random: one record, seed 1, whatever seeds a run names (so a
+                # top-up with --seeds 2 3 reuses it); a zero-shot test runs once, on the pretraining of seeds[0]
+                for seed in ([1] if arm.kind in BASELINES else [seeds[0]] if arm.kind != "fit" or share == 0
+                             else full_seeds if share == 1 else seeds):
                     jobs.append((arm, target, regime, seed, users))
     records = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

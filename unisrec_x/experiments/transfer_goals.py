@@ -6,8 +6,10 @@ mean-pooled twin both choose there; a baseline without a validation score, such 
 floor's grid points and never beats it there). Choosing it on test would flatter the trained arms whenever the
 two floors disagree. The best trained arm is the one the goals name: the highest mean test N@10 of the
 trained arms, as the issue states them. That is a choice on test, so each entry also names the trained arm a
-user would deploy, the one validation picks (the highest mean validation N@10 on the same rows; records that
-kept no validation score, or scored on part of the rows, cannot be picked), and its gap to the floor.
+user would deploy, the one validation picks (the highest mean validation N@10 on the regime's validation rows;
+rows that kept no score, or scored on part of the rows, cannot be picked, and the entry says how many of the
+trained arms could), and its gap to the floor. Zero-shot has no target validation rows, so no pick. Probes
+(diagnostics, superseded designs, often one seed) are candidates for neither.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def best_trained(rows: list[dict], kinds: dict[str, str], slice_name: str = "all
     return max(trained, key=lambda r: r["ndcg@10_mean"], default=None)
 
 
-def validation_pick(rows: list[dict], kinds: dict[str, str]) -> dict | None:
-    """The trained row (slice ``all``) with the best mean validation N@10: what selection without test chooses."""
-    trained = [r for r in rows if kinds.get(r["arm"]) not in (None, *TRAINING_FREE) and r["slice"] == "all"
-               and "validation_ndcg@10_mean" in r and r.get("validation_rows") != "apart"]
-    return max(trained, key=lambda r: r["validation_ndcg@10_mean"], default=None)
+def validation_pick(rows: list[dict], kinds: dict[str, str]) -> tuple[dict | None, int, int]:
+    """The trained row (slice ``all``) with the best mean validation N@10 (what selection without test chooses),
+    how many trained rows could be picked, and how many there are."""
+    trained = [r for r in rows if kinds.get(r["arm"]) not in (None, *TRAINING_FREE) and r["slice"] == "all"]
+    scored = [r for r in trained if "validation_ndcg@10_mean" in r and r.get("validation_rows") != "apart"]
+    return max(scored, key=lambda r: r["validation_ndcg@10_mean"], default=None), len(scored), len(trained)
 
 
 def verdict(regime: str, best: dict, floor: dict) -> tuple[float, bool | None]:
@@ -56,7 +59,7 @@ def verdict(regime: str, best: dict, floor: dict) -> tuple[float, bool | None]:
 def goals(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[str]) -> list[dict]:
     """One entry per (target, regime) of ``rows`` (the current protocol's) that has both a floor and a trained
     arm, and a long-tail entry at 100% (the best trained arm's long tail against text-kNN's)."""
-    kinds = {a.name: a.kind for a in arms if a.in_goals}  # a curve's points are not candidates
+    kinds = {a.name: a.kind for a in arms if a.in_goals and not a.probe}  # nor a curve's points, nor probes
     out = []
     for target in targets:
         for regime in regimes:
@@ -68,10 +71,11 @@ def goals(rows: list[dict], arms: Sequence, targets: list[str], regimes: list[st
                          "floor_ndcg@10": floor["ndcg@10_mean"], "best_arm": best["arm"],
                          "best_ndcg@10": best["ndcg@10_mean"], "best_std": best["ndcg@10_std"],
                          "best_seeds": len(best["seeds"]), "gap": round(gap, 4), "met": met}
-                picked = validation_pick(mine, kinds)
-                if picked:
+                picked, scored, trained = validation_pick(mine, kinds)
+                if picked and regime != "zero-shot":
                     entry.update({"picked_arm": picked["arm"], "picked_ndcg@10": picked["ndcg@10_mean"],
-                                  "picked_gap": round(picked["ndcg@10_mean"] / floor["ndcg@10_mean"] - 1, 4)})
+                                  "picked_gap": round(picked["ndcg@10_mean"] / floor["ndcg@10_mean"] - 1, 4),
+                                  "picked_among": [scored, trained]})
                 out.append(entry)
             knn = next((r for r in mine if r["arm"] == "text_knn" and r["slice"] == "long-tail"), None)
             tail = best_trained(mine, kinds, "long-tail")
@@ -92,7 +96,8 @@ def goals_markdown(entries: list[dict], arms: Sequence) -> str:
              "The floor is the training-free ranker that scored best on validation; the best trained arm is the "
              "highest mean test N@10 among trained arms (a choice on test, as the goals are worded); the last "
              "column is the trained arm validation picks, what a user without test labels would deploy, and its "
-             "gap. Long tail: against text-kNN's.", "",
+             "gap, among the arms whose every seed kept a validation score (a blend's is the best of its weights on "
+             "those rows, so it leans its way). Long tail: against text-kNN's.", "",
              "| target | regime | slice | floor (N@10) | best trained arm (N@10) | gap | goal | met "
              "| validation picks (N@10), gap |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -101,7 +106,7 @@ def goals_markdown(entries: list[dict], arms: Sequence) -> str:
         goal = ">= text-kNN" if e["slice"] == "long-tail" else want[e["regime"]]
         met = {True: "yes", False: "**no**", None: "one seed"}[e["met"]]
         picked = (f"{label.get(e['picked_arm'], e['picked_arm'])} ({e['picked_ndcg@10']:.4f}), {e['picked_gap']:+.1%}"
-                  if "picked_arm" in e else "")
+                  f" (among {e['picked_among'][0]} of {e['picked_among'][1]} trained arms)" if "picked_arm" in e else "")
         lines.append(f"| {e['target']} | {e['regime']} | {e['slice']} | {label.get(e['floor_arm'], e['floor_arm'])} "
                      f"({e['floor_ndcg@10']:.4f}) | {label.get(e['best_arm'], e['best_arm'])} ({e['best_ndcg@10']:.4f}"
                      f"{spread}, {e['best_seeds']} seed{'s' if e['best_seeds'] > 1 else ''}) | {e['gap']:+.1%} | {goal} "
