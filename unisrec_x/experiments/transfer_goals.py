@@ -30,16 +30,19 @@ def strongest_floor(rows: list[dict], kinds: dict[str, str]) -> dict | None:
     return max(scored, key=lambda r: r["validation_ndcg@10_mean"], default=None)
 
 
+def trained_rows(rows: list[dict], kinds: dict[str, str], slice_name: str = "all") -> list[dict]:
+    """The rows of candidate arms (``kinds``) that train something, in one slice."""
+    return [r for r in rows if r["arm"] in kinds and kinds[r["arm"]] not in TRAINING_FREE and r["slice"] == slice_name]
+
+
 def best_trained(rows: list[dict], kinds: dict[str, str], slice_name: str = "all") -> dict | None:
-    trained = [r for r in rows if r["arm"] in kinds and kinds[r["arm"]] not in TRAINING_FREE
-               and r["slice"] == slice_name]
-    return max(trained, key=lambda r: r["ndcg@10_mean"], default=None)
+    return max(trained_rows(rows, kinds, slice_name), key=lambda r: r["ndcg@10_mean"], default=None)
 
 
 def validation_pick(rows: list[dict], kinds: dict[str, str]) -> tuple[dict | None, int, int]:
     """The trained row (slice ``all``) with the best mean validation N@10 (what selection without test chooses),
     how many trained rows could be picked, and how many there are."""
-    trained = [r for r in rows if kinds.get(r["arm"]) not in (None, *TRAINING_FREE) and r["slice"] == "all"]
+    trained = trained_rows(rows, kinds)
     scored = [r for r in trained if "validation_ndcg@10_mean" in r and r.get("validation_rows") != "apart"]
     return max(scored, key=lambda r: r["validation_ndcg@10_mean"], default=None), len(scored), len(trained)
 
